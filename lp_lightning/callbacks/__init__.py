@@ -1,0 +1,3 @@
+"""Thin Lightning callbacks over lp_lightning.audit."""
+
+__all__: list[str] = []

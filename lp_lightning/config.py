@@ -1,0 +1,67 @@
+"""Config helpers shared by the Hydra apps: validation, precision selection, callbacks, data specs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import Precision
+from omegaconf import DictConfig, OmegaConf
+
+from lp_lightning.data import DATAMODULES, TensorDataModule
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_TYPES: dict[str, tuple[type, ...]] = {
+    "seed": (int,),
+    "trainer.max_epochs": (int,),
+    "trainer.devices": (int, str),
+    "data.batch_size": (int,),
+    "data.seed": (int,),
+    "optimizer.lr": (int, float),
+    "optimizer.eps": (int, float),
+    "optimizer.momentum": (int, float),
+    "optimizer.weight_decay": (int, float),
+}
+
+
+def config_dir() -> str:
+    """Absolute path of the Hydra config directory (works from any working directory)."""
+    installed = Path(__file__).resolve().parent / "conf"  # wheel installs map conf/ to lp_lightning/conf
+    return str(CONF_DIR if CONF_DIR.is_dir() else installed)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail before training when a known key holds a value of the wrong type (names key and value)."""
+    for key, types in _TYPES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            allowed = " or ".join(t.__name__ for t in types)
+            raise ValueError(f"{key}={value!r} has type {type(value).__name__}; expected {allowed}")
+
+
+def precision_kwargs(precision_cfg: DictConfig | Mapping[str, Any]) -> tuple[dict[str, Any], list[Precision]]:
+    """Trainer kwargs for a precision entry: Lightning's string (``lightning:``) or one plugin (``_target_``)."""
+    if "_target_" in precision_cfg:
+        return {}, [instantiate(precision_cfg)]
+    if "lightning" in precision_cfg:
+        return {"precision": precision_cfg["lightning"]}, []
+    raise ValueError(f"precision config needs '_target_' (a plugin) or 'lightning' (a string): {precision_cfg}")
+
+
+def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
+    """Instantiate every entry of the ``callbacks`` group (a mapping name -> ``_target_`` config)."""
+    if not callbacks_cfg:
+        return []
+    return [instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
+
+
+def data_spec(datamodule: TensorDataModule, data_cfg: DictConfig) -> dict[str, Any]:
+    """Plain ``{"name": ..., **kwargs}`` describing the datamodule, stored in the model's checkpoint."""
+    names = {cls: name for name, cls in DATAMODULES.items()}
+    spec = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k != "_target_"}
+    return {"name": names[type(datamodule)], **spec}

@@ -1,0 +1,49 @@
+"""Optimizers and LR schedules from plain config dicts (YAML-friendly, checkpoint-safe)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adamax": torch.optim.Adamax,
+    "nadam": torch.optim.NAdam,
+    "radam": torch.optim.RAdam,
+    "adagrad": torch.optim.Adagrad,
+    "adadelta": torch.optim.Adadelta,
+}
+SCHEDULERS = ("cosine", "step")
+
+
+def build_optimizer(params: Iterable[nn.Parameter], config: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """``{"name": "adam", "lr": 1e-3, "eps": 1e-8, ...}`` -> optimizer; other keys go to the constructor."""
+    kwargs = dict(config)
+    name = kwargs.pop("name", "sgd")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name={name!r} is unknown; allowed: {sorted(OPTIMIZERS)}")
+    try:
+        # foreach=False keeps optimizer state in the parameters' dtype on every torch build
+        return OPTIMIZERS[name](params, foreach=False, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"optimizer {name!r} does not take these arguments {sorted(kwargs)}: {exc}") from exc
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Mapping[str, Any] | None,
+                    max_epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``None``, ``{"name": "cosine"}`` (over ``max_epochs``) or ``{"name": "step", "step_size", "gamma"}``."""
+    if not config:
+        return None
+    kwargs = dict(config)
+    name = kwargs.pop("name", None)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs), **kwargs)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, **kwargs)
+    raise ValueError(f"scheduler.name={name!r} is unknown; allowed: {list(SCHEDULERS)} or null")
