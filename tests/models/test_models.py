@@ -1,0 +1,101 @@
+"""Nets adapt to input shapes and train; checkpoints reload safely with identical predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lp_lightning.models import CheckpointError, Classifier, load_classifier, read_checkpoint
+from lp_lightning.models.optim import OPTIMIZERS, build_optimizer
+from tests.conftest import fit_classifier
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn", "vit"])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
+def test_nets_adapt_to_input_shape(net: str, shape: tuple[int, ...]) -> None:
+    model = Classifier(net=net, input_shape=list(shape), num_classes=7)
+    assert model(torch.randn(3, *shape)).shape == (3, 7)
+    assert model.net.classifier.out_features == 7
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn", "vit"])
+def test_each_net_learns_a_few_steps(net: str) -> None:
+    torch.manual_seed(0)
+    model = Classifier(net=net, optimizer={"name": "adam", "lr": 3e-3})
+    from lp_lightning.data import DigitsDataModule
+
+    x, y = DigitsDataModule().dataset("train").tensors
+    x, y = x[:128], y[:128]
+    opt = model.configure_optimizers()
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_builds_with_its_eps(name: str) -> None:
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    kwargs = {"name": name, "lr": 0.01}
+    if name != "sgd":
+        kwargs["eps"] = 1e-4
+    opt = build_optimizer(params, kwargs)
+    assert opt.param_groups[0]["lr"] == 0.01
+    if name != "sgd":
+        assert opt.param_groups[0]["eps"] == 1e-4
+
+
+def test_bad_optimizer_and_net_names_list_allowed() -> None:
+    with pytest.raises(ValueError, match=r"optimizer.name='lion'.*adam"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], {"name": "lion"})
+    with pytest.raises(ValueError, match=r"net='resnet'.*cnn.*mlp.*vit"):
+        Classifier(net="resnet")
+
+
+def test_checkpoint_reloads_with_same_predictions(tmp_path: Path) -> None:
+    model, _, ckpt = fit_classifier(tmp_path, net="cnn", epochs=1)
+    raw = torch.load(ckpt, weights_only=True)  # hyperparameters are plain values
+    assert raw["hyper_parameters"]["net"] == "cnn" and raw["hyper_parameters"]["data"]["name"] == "digits"
+    x = torch.randn(16, 1, 8, 8)
+    reloaded = Classifier.load_from_checkpoint(ckpt, weights_only=True)
+    safe, _ = load_classifier(ckpt)
+    expected = model.predict_logits(x)
+    torch.testing.assert_close(reloaded.predict_logits(x), expected)
+    torch.testing.assert_close(safe.predict_logits(x), expected)
+
+
+def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="missing.ckpt.*does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+    empty = tmp_path / "empty.ckpt"
+    empty.touch()
+    with pytest.raises(CheckpointError, match="empty.ckpt.*empty"):
+        read_checkpoint(empty)
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt.ckpt"):
+        read_checkpoint(corrupt)
+    nohp = tmp_path / "nohp.ckpt"
+    torch.save({"state_dict": {}}, nohp)
+    with pytest.raises(CheckpointError, match="nohp.ckpt.*no saved hyperparameters"):
+        read_checkpoint(nohp)
+
+
+def test_checkpoint_with_code_is_refused_and_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net": "mlp"}, "x": Evil()}, bad)
+    with pytest.raises(CheckpointError, match="evil.ckpt.*refused"):
+        read_checkpoint(bad)
+    assert not marker.exists()

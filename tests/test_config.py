@@ -1,0 +1,59 @@
+"""Every config file composes and instantiates; bad choices and wrong types fail before training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import Precision
+from omegaconf import OmegaConf
+
+from lp_lightning.config import build_callbacks, config_dir, precision_kwargs, validate
+from tests.conftest import compose_train
+from tests.data.cifar_fixture import write_tiny_cifar
+
+CONF = Path(config_dir())
+GROUPS = ["precision", "model", "data", "optimizer", "trainer", "callbacks", "experiment"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_config_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("data", "cifar10"):
+        overrides.append(f"data.data_dir={write_tiny_cifar(tmp_path)}")
+    cfg = compose_train(overrides)
+    validate(cfg)
+    OmegaConf.to_container(cfg, resolve=True)
+    dm = instantiate(cfg.data)
+    model = instantiate(cfg.model, input_shape=list(dm.input_shape), num_classes=dm.num_classes,
+                        optimizer=OmegaConf.to_container(cfg.optimizer), _convert_="all")
+    assert model(dm.dataset("train").tensors[0][:2]).shape == (2, dm.num_classes)
+    model.configure_optimizers()
+    kwargs, plugins = precision_kwargs(cfg.precision)
+    assert bool(kwargs) != bool(plugins) and all(isinstance(p, Precision) for p in plugins)
+    build_callbacks(cfg.callbacks)
+    trainer = instantiate(cfg.trainer, **kwargs, plugins=plugins, logger=False, default_root_dir=str(tmp_path))
+    assert trainer.max_epochs >= 1
+
+
+def test_wrong_value_type_names_the_key() -> None:
+    cfg = compose_train(["trainer.max_epochs=abc"])
+    with pytest.raises(ValueError, match=r"trainer.max_epochs='abc'.*expected int"):
+        validate(cfg)
+    with pytest.raises(ValueError, match=r"optimizer.lr='fast'"):
+        validate(compose_train(["optimizer.lr=fast"]))
+
+
+@pytest.mark.parametrize(("override", "group"), [("precision=fp17", "precision"), ("model=foo", "model")])
+def test_unknown_group_option_lists_allowed_values(override: str, group: str, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lp_lightning.train", override, f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"Could not find '{group}/" in out and f"Available options in '{group}'" in out
+    assert ("fp32" in out) if group == "precision" else ("cnn" in out and "vit" in out)
+    assert not (tmp_path / "checkpoints").exists()

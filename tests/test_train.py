@@ -1,0 +1,67 @@
+"""lp-train end to end: metrics.json with real numbers, checkpoints, reproducibility, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lp_lightning.io import write_json
+from lp_lightning.models import load_classifier
+from lp_lightning.train import run
+from tests.conftest import compose_train
+
+QUICK = ["model=mlp", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
+
+
+def test_run_writes_metrics_checkpoints_and_config(tmp_path: Path) -> None:
+    metrics = run(compose_train(QUICK), tmp_path, precision_name="fp32")
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test_acc"] == metrics["test_acc"]
+    for key in ("val_acc", "test_acc"):
+        assert 0.5 < saved[key] <= 1.0  # two epochs of an MLP on digits is far above chance (0.1)
+    for key in ("val_loss", "test_loss", "wall_time_s", "time_per_epoch_s"):
+        assert saved[key] > 0
+    assert saved["precision"] == "fp32" and saved["model"] == "mlp" and saved["epochs"] == 2
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert "max_epochs: 2" in (tmp_path / "config.yaml").read_text()
+    model, _ = load_classifier(tmp_path / "checkpoints" / "best.ckpt")
+    assert model.hparams.net == "mlp"
+
+
+def test_same_seed_same_weights(tmp_path: Path) -> None:
+    a = run(compose_train([*QUICK, "seed=3"]), tmp_path / "a")
+    b = run(compose_train([*QUICK, "seed=3"]), tmp_path / "b")
+    wa = torch.load(a["last_checkpoint"], weights_only=True)["state_dict"]
+    wb = torch.load(b["last_checkpoint"], weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_module_entry_point_runs_from_any_directory(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lp_lightning.train", *QUICK, "trainer.max_epochs=1",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_multirun_sweep_writes_one_run_per_value(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lp_lightning.train", "-m", *QUICK, "trainer.max_epochs=1",
+                           "seed=1,2", f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in tmp_path.glob("*/metrics.json"))
+    assert seeds == [1, 2]
+
+
+def test_failed_write_keeps_previous_file(tmp_path: Path) -> None:
+    target = tmp_path / "metrics.json"
+    write_json(target, {"test_acc": 0.9})
+    with pytest.raises(TypeError):
+        write_json(target, {"test_acc": object()})  # not serializable: the write fails midway
+    assert json.loads(target.read_text()) == {"test_acc": 0.9}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
