@@ -1,0 +1,250 @@
+"""FP8 training through torchao's float8 Linear: real kernels on FP8 GPUs, float32 emulation elsewhere."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import AbstractContextManager
+from types import ModuleType
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+LIGHTNING_STRINGS = {torch.bfloat16: "bf16-true", torch.float32: "32-true"}
+DEFAULT_SKIP = ("classifier",)
+FP8_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) are the first GPUs with FP8 tensor cores
+_said: set[str] = set()
+
+
+class _TorchaoNoise(logging.Filter):
+    """Drops the import-time messages torchao causes on machines without its CUDA-only extensions."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if record.name == "torchao":  # "Failed to load .../torchao/_C_mxfp8...so: Could not load this library"
+            return not (msg.startswith("Failed to load") and "torchao/_C" in record.getMessage())
+        if record.name == "torch.utils._pytree":  # torchao registers its Enums as pytree constants
+            return not ("is an Enum subclass" in msg and "torchao" in record.getMessage())
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_torchao_import() -> Iterator[None]:
+    """Filter only torchao's known extension-library noise; the extensions are CUDA-only, so without
+    CUDA their failure to load is expected and harmless. On a CUDA machine nothing is filtered."""
+    if torch.cuda.is_available():
+        yield
+        return
+    noise = _TorchaoNoise()
+    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
+    for log in loggers:
+        log.addFilter(noise)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(noise)
+
+
+def import_torchao_float8() -> ModuleType:
+    """``torchao.float8``, imported quietly; a clear error names the package when torchao is missing."""
+    try:
+        with _quiet_torchao_import():
+            import torchao.float8 as float8
+    except ImportError as exc:
+        raise ImportError(
+            "Float8Precision needs the 'torchao' package (FP8 training kernels and emulation): "
+            f"install it with `pip install torchao` ({exc})"
+        ) from exc
+    return float8
+
+
+def fp8_hardware_missing() -> str | None:
+    """Why real FP8 matmuls cannot run here (``None`` when a CUDA GPU with capability >= 8.9 is present)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available"
+    capability = torch.cuda.get_device_capability()
+    if capability < FP8_CAPABILITY:
+        return (f"the GPU {torch.cuda.get_device_name()!r} has CUDA capability {capability[0]}.{capability[1]}, "
+                f"FP8 matmuls need {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer (Ada, Hopper, Blackwell)")
+    return None
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        rank_zero_info(message)
+
+
+def _matches(fqn: str, entry: str) -> bool:
+    """``entry`` names the module ``fqn`` fully or as its trailing dotted part (``classifier`` ~ ``net.classifier``)."""
+    return fqn == entry or fqn.endswith("." + entry)
+
+
+class Float8Precision(Precision):
+    """FP8 training of ``nn.Linear`` layers via ``torchao.float8`` (E4M3 forward, E5M2 or E4M3 gradients).
+
+    Args:
+        recipe: torchao scaling recipe: ``"tensorwise"``, ``"rowwise"`` or ``"rowwise_with_gw_hp"``.
+        emulate: ``None`` uses real FP8 kernels on a GPU with CUDA capability >= 8.9, else emulates them
+            (FP8 rounding, matmul in float32); ``True`` always emulates; ``False`` requires the hardware.
+        skip: fully-qualified names (or trailing parts of them) of Linear layers kept in high precision;
+            by default the ``classifier`` head.
+        compute_dtype: dtype of the weights and of every op outside the FP8 matmuls: ``"bfloat16"``
+            or ``"float32"`` (faster on CPUs without native bf16 matmul; see docs/sections/fp8.md).
+
+    Linear layers whose in/out features are not multiples of 16 (what FP8 kernels need) stay in
+    ``compute_dtype``; the converted names are in ``converted_layers``. Checkpoints hold ordinary weights.
+    """
+
+    precision: str = "bf16-true"
+
+    def __init__(self, recipe: str = "tensorwise", emulate: bool | None = None,
+                 skip: Sequence[str] | None = None, compute_dtype: str = "bfloat16") -> None:
+        if recipe not in RECIPES:
+            raise ValueError(f"Float8Precision(recipe={recipe!r}) is unknown; allowed: {list(RECIPES)}")
+        if emulate is not None and not isinstance(emulate, bool):
+            raise ValueError(f"Float8Precision(emulate={emulate!r}) must be True, False or None (auto)")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"Float8Precision(compute_dtype={compute_dtype!r}) is unknown; "
+                             f"allowed: {list(COMPUTE_DTYPES)}")
+        if isinstance(skip, str) or (skip is not None and not all(isinstance(s, str) for s in skip)):
+            raise ValueError(f"Float8Precision(skip={skip!r}) must be a list of module names, e.g. ['classifier']")
+        import_torchao_float8()
+        missing = fp8_hardware_missing()
+        if emulate is False and missing:
+            raise RuntimeError(f"Float8Precision(emulate=False) needs real FP8 matmuls, but {missing}. "
+                               "Use emulate=True (or emulate=None) to emulate FP8 numerics on this machine.")
+        if emulate is None:
+            emulate = missing is not None
+            _say_once(f"Float8Precision: {missing}; emulating FP8 (FP8 rounding, matmuls in float32)" if emulate
+                      else "Float8Precision: using real FP8 kernels (torch._scaled_mm)")
+        self.recipe = recipe
+        self.emulate: bool = emulate
+        self.skip: list[str] = list(DEFAULT_SKIP if skip is None else skip)
+        self.compute_dtype: torch.dtype = COMPUTE_DTYPES[compute_dtype]
+        self.precision = LIGHTNING_STRINGS[self.compute_dtype]
+        self.converted_layers: list[str] = []
+        self.skipped_layers: dict[str, str] = {}
+
+    @property
+    def num_converted(self) -> int:
+        """How many nn.Linear layers run their matmuls in FP8."""
+        return len(self.converted_layers)
+
+    def float8_config(self) -> Any:
+        """The ``torchao.float8.Float8LinearConfig`` of this recipe, with this plugin's ``emulate``."""
+        config = import_torchao_float8().Float8LinearConfig.from_recipe_name(self.recipe)
+        return dataclasses.replace(config, emulate=self.emulate)
+
+    def _plan(self, module: nn.Module) -> tuple[list[str], dict[str, str]]:
+        """Names of the Linear layers to convert, and the others with the reason they stay."""
+        convert: list[str] = []
+        skipped: dict[str, str] = {}
+        for fqn, child in module.named_modules():
+            if not isinstance(child, nn.Linear):
+                continue
+            if any(_matches(fqn, entry) for entry in self.skip):
+                skipped[fqn] = "skip"
+            elif child.in_features % 16 or child.out_features % 16:
+                skipped[fqn] = f"shape {child.in_features}->{child.out_features} not divisible by 16"
+            else:
+                convert.append(fqn)
+        return convert, skipped
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        convert, skipped = self._plan(module)
+        unmatched = [e for e in self.skip if e not in DEFAULT_SKIP
+                     and not any(_matches(fqn, e) for fqn, _ in module.named_modules())]
+        if unmatched:
+            rank_zero_warn(f"Float8Precision(skip=...): {unmatched} match no module of {type(module).__name__}")
+        if not convert:
+            raise ValueError(
+                f"Float8Precision found no nn.Linear layer to train in FP8 in {type(module).__name__}, so FP8 "
+                f"would change nothing (Linear layers: {skipped or 'none'}); torchao converts only nn.Linear "
+                "with in/out features divisible by 16. Use another precision or adjust skip=[...].")
+        odd = {k: v for k, v in skipped.items() if v != "skip"}
+        if odd:
+            rank_zero_warn(f"Float8Precision keeps {len(odd)} Linear layer(s) in {self.compute_dtype} because FP8 "
+                           f"kernels need in/out features divisible by 16: {odd}")
+        wanted = set(convert)
+        module = import_torchao_float8().convert_to_float8_training(
+            module, config=self.float8_config(), module_filter_fn=lambda _m, fqn: fqn in wanted)
+        self.converted_layers, self.skipped_layers = convert, skipped
+        mode = "emulated" if self.emulate else "real FP8 kernels"
+        rank_zero_info(f"Float8Precision: {len(convert)} Linear layer(s) converted to FP8 ({self.recipe}, {mode}); "
+                       f"{len(skipped)} kept in {self.compute_dtype}")
+        return module.to(dtype=self.compute_dtype)
+
+    def connect(self, model: nn.Module, optimizers: list[Any], lr_schedulers: list[Any]) -> Any:
+        """After the model reached its device: real FP8 kernels need it on a CUDA device."""
+        if not self.emulate:
+            devices = {p.device.type for p in model.parameters()}
+            if devices != {"cuda"}:
+                raise RuntimeError(f"Float8Precision(emulate=False) runs real FP8 kernels, which need the model "
+                                   f"on a CUDA device, found {sorted(devices)}: use Trainer(accelerator='gpu') "
+                                   "or Float8Precision(emulate=True)")
+        return super().connect(model, optimizers, lr_schedulers)
+
+    def reference_module(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
+        """A new plain copy of ``module`` in ``dtype``: every FP8 Linear becomes an ``nn.Linear`` again."""
+        from torchao.float8.float8_linear import Float8Linear
+        plain = copy.deepcopy(module)
+        for fqn, child in list(plain.named_modules()):
+            if not isinstance(child, Float8Linear):
+                continue
+            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                               device=child.weight.device, dtype=child.weight.dtype)
+            linear.load_state_dict(child.state_dict())
+            linear.train(child.training)
+            if fqn:
+                plain.set_submodule(fqn, linear)
+            else:
+                plain = linear
+        return plain.to(dtype)
+
+    def tensor_init_context(self) -> AbstractContextManager:
+        return _DtypeContextManager(self.compute_dtype)
+
+    def module_init_context(self) -> AbstractContextManager:
+        return self.tensor_init_context()
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        """Default dtype ``compute_dtype`` for tensors created in the step; restored even if it raises."""
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.compute_dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
+
+    def convert_input(self, data: Any) -> Any:
+        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.compute_dtype)
+
+    def convert_output(self, data: Any) -> Any:
+        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor,
+                                   dst_type=torch.get_default_dtype())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain config of the run (torchao's dynamic scaling keeps no state between steps)."""
+        return {"recipe": self.recipe, "emulate": self.emulate, "compute_dtype": str(self.compute_dtype),
+                "skip": list(self.skip), "converted_layers": list(self.converted_layers)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when resuming a checkpoint trained with another recipe or compute dtype."""
+        for key in ("recipe", "compute_dtype"):
+            now = self.state_dict()[key]
+            if key in state_dict and state_dict[key] != now:
+                rank_zero_warn(f"Float8Precision: resuming a checkpoint trained with {key}={state_dict[key]!r} "
+                               f"using {key}={now!r}")
