@@ -65,3 +65,14 @@ def test_failed_write_keeps_previous_file(tmp_path: Path) -> None:
         write_json(target, {"test_acc": object()})  # not serializable: the write fails midway
     assert json.loads(target.read_text()) == {"test_acc": 0.9}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+
+
+def test_lp_train_under_ddp_on_cpu(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lp_lightning.train", "trainer=ddp_cpu", *QUICK,
+                           "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["test_acc"] > 0.2
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 10  # 1257 samples / (2 ranks x 64) = 10 steps per rank
