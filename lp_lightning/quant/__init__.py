@@ -1,3 +1,39 @@
 """Fake-quant modules, observers and qparams (pure torch), shared by the plugin and the exporter."""
 
-__all__: list[str] = []
+from lp_lightning.quant.modules import (
+    FAKE_QUANT_TYPES,
+    FakeQuantConv1d,
+    FakeQuantConv2d,
+    FakeQuantLinear,
+    FakeQuantModule,
+)
+from lp_lightning.quant.observer import MovingAverageMinMaxObserver
+from lp_lightning.quant.qparams import (
+    affine_qparams,
+    fake_quantize_weight,
+    integer_weight,
+    symmetric_weight_scale,
+)
+from lp_lightning.quant.spec import GRANULARITIES, QuantSpec, parse_bits
+from lp_lightning.quant.swap import convert, dequantize, fake_quant_layers, matches, quantize_modules
+
+__all__ = [
+    "FAKE_QUANT_TYPES",
+    "GRANULARITIES",
+    "FakeQuantConv1d",
+    "FakeQuantConv2d",
+    "FakeQuantLinear",
+    "FakeQuantModule",
+    "MovingAverageMinMaxObserver",
+    "QuantSpec",
+    "affine_qparams",
+    "convert",
+    "dequantize",
+    "fake_quant_layers",
+    "fake_quantize_weight",
+    "integer_weight",
+    "matches",
+    "parse_bits",
+    "quantize_modules",
+    "symmetric_weight_scale",
+]

@@ -1,0 +1,83 @@
+"""Moving-average min/max observer for per-tensor asymmetric activation quantization (freezable)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lp_lightning.quant.qparams import affine_qparams
+
+
+class MovingAverageMinMaxObserver(nn.Module):
+    """Tracks ``min``/``max`` of its input as a moving average and keeps the derived qparams.
+
+    ``observe(x)`` updates the running range (the first batch sets it) unless frozen; ``scale`` and
+    ``zero_point`` are recomputed after each update. Everything that matters is a buffer, so it is in the
+    module's state dict (and therefore in Lightning checkpoints): ``min_val``, ``max_val``, ``scale``,
+    ``zero_point``, ``frozen``.
+    """
+
+    def __init__(self, bits: int = 8, averaging_constant: float = 0.01) -> None:
+        super().__init__()
+        self.bits = bits
+        self.averaging_constant = averaging_constant
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self.register_buffer("frozen", torch.tensor(False))
+        # python mirrors of two buffers, so the hot path needs no device sync; refreshed on load
+        self._frozen = False
+        self._initialized = False
+
+    @property
+    def quant_range(self) -> tuple[int, int]:
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
+    @property
+    def initialized(self) -> bool:
+        """True once the observer has seen at least one batch (or loaded a range)."""
+        return self._initialized
+
+    @property
+    def is_frozen(self) -> bool:
+        return self._frozen
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or resume) updating the range; qparams keep their current values."""
+        self._frozen = bool(frozen)
+        self.frozen.fill_(self._frozen)
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Fold the range of ``x`` into the moving average and refresh ``scale``/``zero_point``."""
+        if self._frozen:
+            return
+        lo, hi = torch.aminmax(x.detach())
+        lo, hi = lo.float(), hi.float()
+        if self._initialized:
+            c = self.averaging_constant
+            lo = self.min_val + c * (lo - self.min_val)
+            hi = self.max_val + c * (hi - self.max_val)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        scale, zero_point = affine_qparams(self.min_val, self.max_val, self.bits)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        self._initialized = True
+
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        """Fake-quantize ``x`` with the current qparams (straight-through gradient inside the range)."""
+        qmin, qmax = self.quant_range
+        return torch.fake_quantize_per_tensor_affine(x, self.scale.float(), self.zero_point, qmin, qmax)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._frozen = bool(self.frozen)
+        self._initialized = bool(torch.isfinite(self.min_val) & torch.isfinite(self.max_val))
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, averaging_constant={self.averaging_constant}, frozen={self._frozen}, "
+                f"min={float(self.min_val):.4g}, max={float(self.max_val):.4g}")
