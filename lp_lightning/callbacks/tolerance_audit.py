@@ -1,0 +1,223 @@
+"""ToleranceAudit: after validation, certify which predictions the low precision cannot flip (Lemma 1)."""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lp_lightning.audit.tolerance import Comparison, compare, summary
+from lp_lightning.io import write_json
+
+__all__ = ["ToleranceAudit", "reference_copy", "rng_preserved"]
+
+REFERENCE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+LOGGED = ("certified_fraction", "agreement", "violations", "err_mean", "tol_mean", "nonfinite")
+
+
+def parse_reference(reference: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"float64"`` (or the torch dtype) -> dtype; ValueError for anything else."""
+    name = str(reference).removeprefix("torch.") if isinstance(reference, torch.dtype) else reference
+    if name not in REFERENCE_DTYPES:
+        hint = (" (a reference must be of higher precision than the audited model)"
+                if name in ("float16", "bfloat16", "half") else "")
+        raise ValueError(f"reference={reference!r} is not allowed{hint}; use one of {sorted(REFERENCE_DTYPES)}")
+    return REFERENCE_DTYPES[name]
+
+
+def reference_copy(module: nn.Module, plugin: Any, dtype: torch.dtype) -> nn.Module:
+    """A new plain copy of ``module`` in ``dtype`` (the plugin's ``reference_module`` if it has one)."""
+    make = getattr(plugin, "reference_module", None)
+    if callable(make):
+        return make(module, dtype).eval()
+    # deepcopy without the hooks other callbacks registered (copying them would copy those callbacks)
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(m, attr, None)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
+    return copy.deepcopy(module, memo).to(dtype).eval()
+
+
+@contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Restore the torch (CPU and CUDA), numpy and python random states on exit."""
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own train flag on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _inputs(batch: Any) -> Tensor:
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    if not isinstance(x, Tensor):
+        raise TypeError(f"ToleranceAudit expects batches (x, y) or x with a tensor x, got {type(x).__name__}")
+    return x
+
+
+def _check_output(out: Any, what: str) -> Tensor:
+    if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 1:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"ToleranceAudit needs (N, C) logits with C >= 1 from the {what} model, got {shape}")
+    return out
+
+
+class ToleranceAudit(Callback):
+    """Compare the trained model with a higher-precision reference of the same weights on validation data.
+
+    Per audited epoch it logs ``audit/{certified_fraction, agreement, violations, err_mean, tol_mean,
+    nonfinite}`` and writes ``audit/epoch_XXX.json`` (the report keys of
+    :func:`lp_lightning.audit.tolerance.summarize`) and ``audit/epoch_XXX.png`` into ``trainer.log_dir``.
+    Weights, optimizer state, train modes and random streams are left exactly as they were.
+
+    Args:
+        reference: dtype of the reference forward, ``"float32"`` or ``"float64"``.
+        every_n_epochs: audit after the validation of every n-th epoch.
+        max_samples: audit at most this many validation samples (all ranks together); None: all.
+        plot: also write the tolerance-vs-error PNG.
+    """
+
+    def __init__(self, reference: str = "float32", every_n_epochs: int = 1, max_samples: int | None = None,
+                 plot: bool = True) -> None:
+        self.reference_dtype = parse_reference(reference)
+        self.reference = str(self.reference_dtype).removeprefix("torch.")
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs={every_n_epochs!r} must be an integer >= 1")
+        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                        or max_samples < 1):
+            raise ValueError(f"max_samples={max_samples!r} must be None (all) or an integer >= 1")
+        self.every_n_epochs = every_n_epochs
+        self.max_samples = max_samples
+        self.plot = bool(plot)
+        self.last_report: dict[str, Any] | None = None
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        low = self._low_dtype(trainer, pl_module)
+        if low is not None and torch.finfo(low).bits > torch.finfo(self.reference_dtype).bits:
+            raise ValueError(f"reference={self.reference!r} is not higher than the model's precision {low}; "
+                             "use reference='float64'")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        comparison = self.audit(trainer, pl_module)
+        report = {**summary(comparison), "low_precision": self._low_name(trainer, pl_module),
+                  "reference_precision": self.reference, "split": "val",
+                  "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        self.last_report = report
+        for key in LOGGED:
+            pl_module.log(f"audit/{key}", float(report[key]), on_step=False, on_epoch=True,
+                          sync_dist=True)  # equal on every rank; syncing only silences a warning
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank calls it
+        if trainer.is_global_zero:
+            stem = log_dir / "audit" / f"epoch_{trainer.current_epoch:03d}"
+            write_json(stem.with_suffix(".json"), report)
+            if self.plot:
+                from lp_lightning.audit.plot import plot_comparison
+
+                title = (f"epoch {trainer.current_epoch}: {report['low_precision']} vs {self.reference}, "
+                         f"certified {report['certified_fraction']:.3f}, agreement {report['agreement']:.3f}")
+                plot_comparison(comparison, stem.with_suffix(".png"), title=title)
+
+    # -- the audit itself -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def audit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Comparison:
+        """Low-precision and reference logits on this rank's validation data, gathered over all ranks."""
+        loader = self._loader(trainer)
+        plugin = trainer.precision_plugin
+        world = trainer.world_size
+        cap = None if self.max_samples is None else -(-self.max_samples // world)
+        lows, refs = [], []
+        with rng_preserved(), eval_mode(pl_module):
+            reference = reference_copy(pl_module, plugin, self.reference_dtype)
+            n = 0
+            for batch in loader:
+                x = _inputs(batch).to(pl_module.device)
+                if cap is not None:
+                    x = x[: cap - n]
+                with plugin.forward_context():
+                    low = _check_output(pl_module(plugin.convert_input(x)), "audited")
+                ref = _check_output(reference(x.to(self.reference_dtype)), "reference")
+                lows.append(low.detach().to(torch.float64))
+                refs.append(ref.detach().to(torch.float64))
+                n += len(x)
+                if cap is not None and n >= cap:
+                    break
+            del reference
+        if not lows:
+            raise ValueError("ToleranceAudit found no validation samples to audit")
+        low_all = self._gather(pl_module, torch.cat(lows), loader, world)
+        ref_all = self._gather(pl_module, torch.cat(refs), loader, world)
+        return compare(low_all, ref_all)
+
+    def _gather(self, pl_module: L.LightningModule, t: Tensor, loader: DataLoader, world: int) -> Tensor:
+        """All-gather (every rank) and undo DistributedSampler's interleaving and padding."""
+        if world > 1:
+            g = pl_module.all_gather(t)  # (world, n, C), identical on every rank
+            t = g.transpose(0, 1).reshape(-1, t.shape[-1])  # sample i of rank r was dataset item i*world + r
+            sampler = getattr(loader, "sampler", None)
+            if isinstance(sampler, DistributedSampler) and not sampler.shuffle:
+                t = t[: len(sampler.dataset)]  # type: ignore[arg-type]
+        if self.max_samples is not None:
+            t = t[: self.max_samples]
+        return t.cpu()
+
+    @staticmethod
+    def _loader(trainer: L.Trainer) -> DataLoader:
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        elif isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()), None)
+        if loaders is None:
+            raise ValueError("ToleranceAudit needs validation data: pass a datamodule with a val split")
+        return loaders
+
+    @staticmethod
+    def _low_dtype(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.dtype | None:
+        dtype = getattr(trainer.precision_plugin, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        return next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
+
+    def _low_name(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        plugin = trainer.precision_plugin
+        name = getattr(plugin, "precision", None)
+        dtype = self._low_dtype(trainer, pl_module)
+        label = type(plugin).__name__ if type(plugin).__module__.startswith("lp_lightning") else name
+        return f"{label} ({str(dtype).removeprefix('torch.')})" if dtype is not None else str(label)
