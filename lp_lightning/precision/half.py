@@ -1,0 +1,188 @@
+"""Pure 16-bit training: weights, activations, gradients and optimizer state all in fp16 or bf16."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections.abc import Callable, Generator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.optim import LBFGS, Optimizer
+
+from lp_lightning.precision.fp32_compute import COMPUTE_MODES, Fp32Accumulate, resolve_compute
+from lp_lightning.precision.loss_scale import LossScaler
+
+DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_LIGHTNING_NAMES = {torch.float16: "16-true", torch.bfloat16: "bf16-true"}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float16"``/``"bfloat16"`` (or aliases, or the torch dtype) -> torch dtype; ValueError otherwise."""
+    if isinstance(dtype, torch.dtype) and dtype in _LIGHTNING_NAMES:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(DTYPES)}")
+
+
+class PureHalfPrecision(HalfPrecision):
+    """Standalone 16-bit training with optional loss scaling on the 16-bit gradients.
+
+    Like Lightning's ``"16-true"``/``"bf16-true"`` (module and inputs cast, default dtype set during the
+    step), plus:
+
+    Args:
+        dtype: ``"float16"`` or ``"bfloat16"``.
+        loss_scale: ``None`` (no scaling), ``"dynamic"`` (grow/back off) or a fixed positive number. The 16-bit
+            gradients are unscaled in place before clipping and the optimizer step; a step with an inf/nan
+            gradient is skipped. The scale is logged as ``loss_scale`` and saved in checkpoints.
+        compute: ``"native"`` (16-bit kernels), ``"fp32_accumulate"`` (matrix products on operands cast up to
+            fp32, results rounded back to 16 bits; everything stored stays 16-bit) or ``"auto"`` (native on
+            devices with native 16-bit matrix units, else ``fp32_accumulate``; the choice is logged once).
+        init_scale, growth_factor, backoff_factor, growth_interval: settings of the dynamic scale.
+    """
+
+    precision: str = "16-true"
+
+    def __init__(self, dtype: str | torch.dtype = "float16", loss_scale: str | float | None = None,
+                 compute: str = "auto", init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:
+        self.compute_dtype: torch.dtype = parse_dtype(dtype)
+        super().__init__(_LIGHTNING_NAMES[self.compute_dtype])  # type: ignore[arg-type]
+        if compute not in COMPUTE_MODES:
+            raise ValueError(f"compute={compute!r} is not supported; allowed: {list(COMPUTE_MODES)}")
+        self.compute = compute
+        self.scaler: LossScaler | None = _make_scaler(loss_scale, init_scale, growth_factor, backoff_factor,
+                                                      growth_interval)
+        self._compute_mode: str | None = None
+        self._module: weakref.ref[nn.Module] | None = None
+        self._backward_scale: float | None = None
+        self._found_inf: dict[int, bool] = {}  # per optimizer, set when its gradients were unscaled
+
+    # ------------------------------------------------------------------ module, inputs, compute mode
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Cast parameters and buffers to the 16-bit dtype (no fp32 copy is kept)."""
+        self._module = weakref.ref(module)
+        return module.to(dtype=self.compute_dtype)
+
+    @property
+    def compute_mode(self) -> str:
+        """The compute mode in use (``auto`` resolved for the module's device on first use, logged once)."""
+        if self._compute_mode is None:
+            module = self._module() if self._module is not None else None
+            param = next(module.parameters(), None) if module is not None else None
+            device = param.device if param is not None else torch.device("cpu")
+            self._compute_mode, reason = resolve_compute(self.compute, self.compute_dtype, device)
+            rank_zero_info(f"PureHalfPrecision({_dtype_name(self.compute_dtype)}): compute={self._compute_mode!r}"
+                           f" ({reason})")
+        return self._compute_mode
+
+    def compute_context(self) -> contextlib.AbstractContextManager:
+        """The context that applies the compute mode (matrix products in fp32 for ``fp32_accumulate``)."""
+        if self.compute_mode == "fp32_accumulate":
+            return Fp32Accumulate(self.compute_dtype)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        """16-bit default dtype and the compute mode; the default dtype is restored even if the step raises."""
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.compute_dtype)
+        try:
+            with self.compute_context():
+                yield
+        finally:
+            torch.set_default_dtype(default_dtype)
+
+    # ------------------------------------------------------------------ backward and loss scaling
+    def pre_backward(self, tensor: torch.Tensor, module: pl.LightningModule) -> torch.Tensor:  # type: ignore[override]
+        if self.scaler is not None:
+            self._backward_scale = self.scaler.scale
+            tensor = self.scaler.scale_loss(tensor)
+        return super().pre_backward(tensor, module)
+
+    def backward(self, tensor: torch.Tensor, model: pl.LightningModule, optimizer: Any,  # type: ignore[override]
+                 *args: Any, **kwargs: Any) -> None:
+        with self.compute_context():
+            super().backward(tensor, model, optimizer, *args, **kwargs)
+
+    def unscale_gradients(self, optimizer: Optimizer) -> bool:
+        """Unscale ``optimizer``'s 16-bit gradients in place (once per step); True if any is inf/nan."""
+        key = id(optimizer)
+        if self.scaler is None:
+            return False
+        if key not in self._found_inf:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self._found_inf[key] = self.scaler.unscale_(params, self._backward_scale)
+        return self._found_inf[key]
+
+    def optimizer_step(self, optimizer: Any, model: pl.LightningModule, closure: Callable[[], Any],  # type: ignore[override]
+                       **kwargs: Any) -> Any:
+        if self.scaler is None:
+            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        if isinstance(optimizer, LBFGS):
+            raise MisconfigurationException("PureHalfPrecision loss scaling does not support LBFGS.")
+        closure_result = closure()
+        # automatic optimization may skip backward (training_step returned None): nothing to unscale or step
+        if closure_result is None and model.automatic_optimization:
+            self._after_closure(model, optimizer)
+            return closure_result
+        found_inf = self.unscale_gradients(optimizer)  # before the hooks, so clipping sees true gradients
+        self._after_closure(model, optimizer)
+        found_inf = self._found_inf.pop(id(optimizer), found_inf)
+        result = None if found_inf else optimizer.step(**kwargs)
+        self.scaler.update(found_inf)
+        self._log_scale(model)
+        return result
+
+    def clip_gradients(self, optimizer: Optimizer, clip_val: int | float = 0.0,
+                       gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM) -> None:
+        """Clip the true (unscaled) gradients: unscales first where that has not happened yet (manual loops)."""
+        if clip_val > 0:
+            self.unscale_gradients(optimizer)
+        super().clip_gradients(optimizer, clip_val=clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
+    def _log_scale(self, model: Any) -> None:
+        if self.scaler is None or not isinstance(model, pl.LightningModule) or model._trainer is None:
+            return
+        with contextlib.suppress(MisconfigurationException):
+            model.log("loss_scale", self.scaler.scale, on_step=True, on_epoch=False, batch_size=1)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """The loss scaler's state (empty without loss scaling, so Lightning stores nothing)."""
+        return {} if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.scaler is not None and "scale" in state_dict:
+            self.scaler.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        scale = None if self.scaler is None else ("dynamic" if self.scaler.dynamic else self.scaler.scale)
+        return (f"{type(self).__name__}(dtype={_dtype_name(self.compute_dtype)!r}, loss_scale={scale!r}, "
+                f"compute={self.compute!r})")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _make_scaler(loss_scale: str | float | None, init_scale: float, growth_factor: float, backoff_factor: float,
+                 growth_interval: int) -> LossScaler | None:
+    if loss_scale is None or (isinstance(loss_scale, str) and loss_scale.lower() in ("none", "null")):
+        return None
+    if isinstance(loss_scale, str) and loss_scale.lower() == "dynamic":
+        return LossScaler(init_scale, True, growth_factor, backoff_factor, growth_interval)
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale) \
+            or loss_scale <= 0:
+        raise ValueError(f"loss_scale={loss_scale!r} is not supported; allowed: None, 'dynamic' or a positive "
+                         f"finite number")
+    return LossScaler(float(loss_scale), False, growth_factor, backoff_factor, growth_interval)
