@@ -1,0 +1,100 @@
+"""Prove exported models on onnxruntime's CPU provider: accuracy, agreement, Lemma-1 audit, size, latency."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from lp_lightning.audit.tolerance import summarize
+from lp_lightning.export.graph import file_size, op_types
+
+
+def session(path: str | os.PathLike[str], threads: int = 1,
+            optimized_path: str | os.PathLike[str] | None = None) -> ort.InferenceSession:
+    """A CPU session with a fixed thread count (sequential, one inter-op thread); optionally saves the
+    graph after onnxruntime's optimizations to ``optimized_path``."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def optimized_op_types(path: str | os.PathLike[str], threads: int = 1) -> list[str]:
+    """Op types of the graph onnxruntime actually runs (after its optimizations), e.g. QGemm, MatMulNBits."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        session(path, threads, optimized_path=opt)
+        return op_types(onnx.load(str(opt)))
+
+
+def predict(sess: ort.InferenceSession, x: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Logits of ``x`` (float32) in chunks."""
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + chunk]})[0] for i in range(0, len(x), chunk)])
+
+
+def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray, ref_logits: np.ndarray,
+                    threads: int = 1) -> dict[str, Any]:
+    """Quality of one ONNX model on the test split against the PyTorch fp32 model's logits ``ref_logits``."""
+    logits = predict(session(path, threads), np.ascontiguousarray(x, dtype=np.float32)).astype(np.float32)
+    audit = summarize(torch.from_numpy(logits), torch.from_numpy(ref_logits.astype(np.float32)))
+    return {
+        "path": str(path),
+        "size_bytes": file_size(path),
+        "accuracy": float((logits.argmax(1) == y).mean()),
+        "agreement": float((logits.argmax(1) == ref_logits.argmax(1)).mean()),
+        "certified_fraction": float(audit["certified_fraction"]),
+        "violations": int(audit["violations"]),
+        "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
+        "n_samples": len(y),
+        "op_types": optimized_op_types(path, threads),
+    }
+
+
+def measure_latency(paths: Mapping[str, str | os.PathLike[str]], inputs: Mapping[int, np.ndarray],
+                    threads: int = 1, warmup: int = 5, iters: int = 30) -> dict[str, dict[int, dict[str, float]]]:
+    """Latency percentiles (ms) per model and batch size, models timed interleaved in one run.
+
+    Every model is warmed up first; then each round runs each (model, batch) once in turn, so load
+    spikes from other processes hit all models alike. Returns ``{name: {batch: {"p50", "p90"}}}``.
+    """
+    sessions = {name: session(p, threads) for name, p in paths.items()}
+    feeds = {name: {b: {s.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
+                    for b, x in inputs.items()} for name, s in sessions.items()}
+    for name, s in sessions.items():
+        for feed in feeds[name].values():
+            for _ in range(warmup):
+                s.run(None, feed)
+    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in inputs} for n in sessions}
+    for _ in range(iters):
+        for b in inputs:
+            for name, s in sessions.items():
+                start = time.perf_counter()
+                s.run(None, feeds[name][b])
+                times[name][b].append((time.perf_counter() - start) * 1e3)
+    return {n: {b: {"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90))}
+                for b, t in per_b.items()} for n, per_b in times.items()}
+
+
+def latency_inputs(x: np.ndarray, batch_sizes: Sequence[int]) -> dict[int, np.ndarray]:
+    """Inputs of each batch size cut from (and tiled over) the test images."""
+    out = {}
+    for b in batch_sizes:
+        if b < 1:
+            raise ValueError(f"latency batch size {b!r} must be >= 1")
+        reps = -(-b // len(x))
+        out[int(b)] = np.ascontiguousarray(np.concatenate([x] * reps)[:b], dtype=np.float32)
+    return out

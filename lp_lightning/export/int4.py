@@ -1,0 +1,133 @@
+"""INT4 export: Linear weights to MatMulNBits (block-quantized), Conv weights to int4 DequantizeLinear.
+
+``MatMulNBitsQuantizer`` only handles MatMul and silently skips Gemm, so Gemm nodes with constant weights
+are rewritten to MatMul (+ Add for the bias) first and the stale initializers are removed. Conv has no
+INT4 kernel: its weight is stored as int4 per output channel and dequantized (opset 21) for an fp32 Conv.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+from lp_lightning.export.graph import ExportError, op_types, quiet_loggers, save_model
+
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def remove_unused_initializers(model: onnx.ModelProto) -> int:
+    """Drop initializers no node (or graph output) reads; returns how many were removed."""
+    graph = model.graph
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    removed = len(graph.initializer) - len(keep)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return removed
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite Gemm(A, W const, C) with alpha=beta=1, transA=0 to MatMul(A, W') + Add(C), in place.
+
+    Returns the number of rewritten nodes; stale initializers are removed.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        a = _attrs(node)
+        if (node.op_type != "Gemm" or node.input[1] not in inits or a.get("transA", 0)
+                or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        w = np.ascontiguousarray(w.T if a.get("transB", 0) else w)
+        w_name = f"{node.input[1]}__matmul"
+        graph.initializer.append(numpy_helper.from_array(w, w_name))
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        mm_out = f"{node.output[0]}__matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=f"{node.name}_matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    remove_unused_initializers(model)
+    return count
+
+
+def conv_weights_to_int4(model: onnx.ModelProto) -> int:
+    """Store each constant Conv weight as symmetric int4 per output channel + DequantizeLinear (opset 21)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
+            name = node.input[1]
+            w = numpy_helper.to_array(inits[name]).astype(np.float32)
+            amax = np.abs(w.reshape(len(w), -1)).max(axis=1)
+            scale = np.where(amax > 0, amax / INT4_MAX, 1.0).astype(np.float32)
+            q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), INT4_MIN, INT4_MAX).astype(np.int8)
+            graph.initializer.extend([
+                helper.make_tensor(f"{name}__int4", TensorProto.INT4, q.shape, q.flatten().tolist()),
+                numpy_helper.from_array(scale, f"{name}__scale"),
+                helper.make_tensor(f"{name}__zero_point", TensorProto.INT4, scale.shape, [0] * len(scale)),
+            ])
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}__int4", f"{name}__scale",
+                                                               f"{name}__zero_point"],
+                                          [f"{name}__dequant"], name=f"{node.name}_dequant", axis=0))
+            node.input[1] = f"{name}__dequant"
+            count += 1
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if count:
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx") and opset.version < 21:
+                opset.version = 21  # int4 DequantizeLinear needs opset 21
+        remove_unused_initializers(model)
+    return count
+
+
+def export_int4(fp32: onnx.ModelProto, path: str | os.PathLike[str], block_size: int = 32,
+                accuracy_level: int = 4) -> dict[str, Any]:
+    """Quantize ``fp32``'s weights to INT4 and write the model to ``path`` (atomically).
+
+    Raises :class:`ExportError` when no weight was quantized: an "int4" file that is fp32 inside is
+    never written.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32)
+    rewritten = gemm_to_matmul(model)
+    with quiet_loggers("onnxruntime", "onnxruntime.quantization.matmul_nbits_quantizer", level=logging.ERROR):
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level)
+        quantizer.process()
+    model = quantizer.model.model
+    n_matmul = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+    n_conv = conv_weights_to_int4(model)
+    remove_unused_initializers(model)
+    if n_matmul + n_conv == 0:
+        raise ExportError("int4 export quantized no weight (no MatMulNBits, no int4 Conv weight); not writing it")
+    save_model(model, path)
+    return {
+        "method": f"MatMulNBits block {block_size} accuracy_level {accuracy_level}; Conv int4 per-channel",
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        "gemm_rewritten": rewritten,
+        "matmulnbits_nodes": n_matmul,
+        "conv_int4_weights": n_conv,
+        "graph_op_types": op_types(model),
+    }

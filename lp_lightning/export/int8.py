@@ -1,0 +1,163 @@
+"""INT8 export: onnxruntime static QDQ quantization, per-channel weights, x86 activation/weight types.
+
+Scales come from min/max calibration on training batches, or, for a checkpoint trained with
+FakeQuantPrecision, from the learned qparams (``lp_lightning.quant.convert``) passed to ``quantize_static``
+as ``TensorQuantOverrides`` (tensors without a learned scale are still calibrated).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from torch import nn
+
+from lp_lightning.export.cpu import has_vnni
+from lp_lightning.export.graph import ExportError, LayerNode, layer_nodes, op_types, quiet_loggers, save_model
+from lp_lightning.export.onnx_fp32 import INPUT_NAME
+
+# Quantize the compute-heavy ops (and the residual Add so CNN blocks stay in int8); Softmax, LayerNorm
+# and elementwise Mul stay fp32, which keeps the transformer's attention accurate.
+OP_TYPES = ("Conv", "Gemm", "MatMul", "Add")
+
+
+class BatchReader(CalibrationDataReader):
+    """Feeds fixed calibration batches (numpy float32, NCHW) to onnxruntime's calibrator."""
+
+    def __init__(self, batches: Iterable[np.ndarray], input_name: str = INPUT_NAME) -> None:
+        self.batches = [np.ascontiguousarray(b, dtype=np.float32) for b in batches]
+        if not self.batches:
+            raise ValueError("calibration needs at least one batch; got none")
+        self.input_name = input_name
+        self._it = iter(self.batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        return None if batch is None else {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self._it = iter(self.batches)
+
+
+def _channel_factor(onnx_w: np.ndarray, torch_w: np.ndarray) -> np.ndarray | None:
+    """Per-output-channel factor c with onnx_w == c * torch_w (1 when unchanged, BN scale when folded)."""
+    if onnx_w.shape != torch_w.shape:
+        return None
+    o = onnx_w.reshape(len(onnx_w), -1).astype(np.float64)
+    t = torch_w.reshape(len(torch_w), -1).astype(np.float64)
+    c = (o * t).sum(1) / np.maximum((t * t).sum(1), 1e-30)
+    ok = np.allclose(o, c[:, None] * t, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(o).max())))
+    return c if ok else None
+
+
+def _weight_override(node: LayerNode, onnx_w: np.ndarray, module: nn.Module, q: Mapping[str, Any]
+                     ) -> list[dict[str, Any]] | None:
+    """Per-channel override for a learned per-channel weight scale, or None when it does not map."""
+    if q.get("granularity") != "per_channel" or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    torch_w = module.weight.detach().float().numpy()
+    transposed = node.op_type == "MatMul"  # MatMul stores W^T (in, out); Gemm(transB=1)/Conv store W
+    factor = _channel_factor(onnx_w.T if transposed else onnx_w, torch_w)
+    if factor is None:
+        return None
+    scale = torch.as_tensor(q["weight_scale"]).double().reshape(-1).numpy() * np.abs(factor)
+    if len(scale) != len(factor) or not np.all(scale > 0):
+        return None
+    axis = 1 if transposed else 0
+    return [{"axis": axis, "quant_type": QuantType.QInt8, "scale": np.float32(s), "zero_point": np.int8(0)}
+            for s in scale]
+
+
+def learned_overrides(fp32: onnx.ModelProto, pre: onnx.ModelProto, model: nn.Module,
+                      qparams: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """TensorQuantOverrides from learned qparams: input activations (uint8) and per-channel weights.
+
+    Layers are found through the exporter's name scopes in ``fp32``; tensor names are checked in the
+    pre-processed ``pre`` graph. Returns the overrides and the number of layers that got any.
+    """
+    nodes = layer_nodes(fp32)
+    inits = {i.name: i for i in pre.graph.initializer}
+    tensors = {name for n in pre.graph.node for name in n.input} | inits.keys()
+    modules = dict(model.named_modules())
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    used = 0
+    for fqn, q in qparams.items():
+        node, module = nodes.get(fqn), modules.get(fqn)
+        if node is None or module is None:
+            continue
+        before = len(overrides)
+        if q.get("act_bits") == 8 and q.get("act_scale") and node.activation in tensors \
+                and node.activation not in inits:
+            zp = int(q.get("act_zero_point") or 0) + 128  # signed [-128, 127] -> uint8 [0, 255]
+            overrides[node.activation] = [{"quant_type": QuantType.QUInt8, "scale": np.float32(q["act_scale"]),
+                                           "zero_point": np.uint8(min(max(zp, 0), 255))}]
+        if node.weight in inits:
+            w = _weight_override(node, onnx.numpy_helper.to_array(inits[node.weight]), module, q)
+            if w is not None:
+                overrides[node.weight] = w
+        used += len(overrides) > before
+    return overrides, used
+
+
+def export_int8(fp32: onnx.ModelProto, path: str | os.PathLike[str], calibration: Iterable[np.ndarray],
+                model: nn.Module | None = None, qparams: Mapping[str, Mapping[str, Any]] | None = None,
+                reduce_range: bool | None = None, op_types_to_quantize: Iterable[str] = OP_TYPES) -> dict[str, Any]:
+    """Quantize ``fp32`` to static QDQ INT8 and write it to ``path`` (atomically).
+
+    Args:
+        fp32: the in-memory fp32 model from :func:`~lp_lightning.export.onnx_fp32.export_fp32`.
+        calibration: float32 input batches from the training split.
+        model, qparams: the plain PyTorch model and its learned qparams (FakeQuantPrecision); optional.
+        reduce_range: 7-bit weights; None picks True on CPUs without VNNI.
+    Returns quantization facts for the report (calibration source, types, reduce_range, layers).
+    """
+    reduce_range = (not has_vnni()) if reduce_range is None else bool(reduce_range)
+    reader = BatchReader(calibration)
+    with tempfile.TemporaryDirectory() as tmp, quiet_loggers("onnxruntime", level=logging.ERROR):
+        src, pre_path, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(fp32, str(src), save_as_external_data=False)
+        quant_pre_process(str(src), str(pre_path), skip_symbolic_shape=False)
+        pre = onnx.load(str(pre_path))
+        overrides, learned = ({}, 0)
+        if qparams and model is not None:
+            overrides, learned = learned_overrides(fp32, pre, model, qparams)
+        extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
+        inits = {i.name for i in pre.graph.initializer}
+        # activation x activation MatMuls (attention scores) stay fp32: they cost accuracy and speed in int8
+        exclude = [n.name for n in pre.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
+        if overrides:
+            extra["TensorQuantOverrides"] = overrides
+        try:
+            quantize_static(str(pre_path), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types_to_quantize),
+                            nodes_to_exclude=exclude, extra_options=extra)
+        except Exception as exc:
+            raise ExportError(f"int8 quantize_static failed: {type(exc).__name__}: {exc}") from exc
+        quantized = onnx.load(str(out))
+    n_dq = sum(n.op_type == "DequantizeLinear" for n in quantized.graph.node)
+    if n_dq == 0:
+        raise ExportError("int8 export quantized nothing (no DequantizeLinear in the graph); not writing it")
+    save_model(quantized, path)
+    n_layers = len(qparams or {})
+    return {
+        "calibration": ("learned" if learned and learned == n_layers else "mixed" if learned else "minmax"),
+        "learned_layers": learned,
+        "learned_tensors": len(overrides),
+        "calibration_samples": sum(len(b) for b in reader.batches),
+        "activation_type": "uint8",
+        "weight_type": "int8",
+        "per_channel": True,
+        "reduce_range": reduce_range,
+        "format": "QDQ",
+        "graph_op_types": op_types(quantized),
+    }
