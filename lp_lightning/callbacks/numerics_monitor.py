@@ -1,0 +1,230 @@
+"""NumericsMonitor: per-layer overflow/underflow statistics of activations and gradients while training."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lp_lightning.audit.overflow import STAT_KEYS, tensor_stats_raw
+from lp_lightning.io import atomic_path, write_json
+
+KINDS = ("act", "grad")
+HEATMAP_FILE = "numerics_heatmap.png"
+SUMMARY_FILE = "numerics_summary.json"
+
+
+def select_modules(model: nn.Module, filters: Sequence[str | type] | str | type | None) -> dict[str, nn.Module]:
+    """Fully-qualified name -> module for ``filters``; each entry must match at least one module.
+
+    An entry is a module type, or a string matched against the fully-qualified name (``fnmatch`` pattern,
+    e.g. ``"net.stages.*"``) or the class name (``"Conv2d"``). ``None``: every leaf module with parameters.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if filters is None:
+        return {n: m for n, m in named if not list(m.children()) and any(True for _ in m.parameters(False))}
+    if isinstance(filters, (str, type)):
+        filters = [filters]
+    selected: dict[str, nn.Module] = {}
+    for f in filters:
+        if isinstance(f, type):
+            hits = {n: m for n, m in named if isinstance(m, f)}
+        elif isinstance(f, str):
+            hits = {n: m for n, m in named if fnmatch.fnmatchcase(n, f) or type(m).__name__ == f}
+        else:
+            raise ValueError(f"modules entry {f!r} must be a name pattern, a class name or a module type")
+        if not hits:
+            some = ", ".join(n for n, _ in named[:8])
+            raise ValueError(f"NumericsMonitor modules filter {f!r} matches no module; names look like: {some}")
+        selected.update(hits)
+    return selected
+
+
+class NumericsMonitor(Callback):
+    """Forward/backward hooks on selected layers; range statistics of their outputs and output gradients.
+
+    Every ``every_n_steps`` training batches, each selected layer's output (``act``) and the gradient
+    flowing into it (``grad``, a hook on the output tensor) get ``nonfinite``, ``underflow_share``,
+    ``overflow_share`` and ``amax`` (``lp_lightning.audit.overflow``) measured against ``dtype`` (default:
+    the tensor's own dtype; ``"float16"`` asks how an fp32 run would fare in fp16). Logged as
+    ``numerics/<layer>/<act|grad>_<stat>``. At fit end: a per-layer summary table is printed, and
+    ``numerics_heatmap.png`` (layers x steps) and ``numerics_summary.json`` are written to the log dir.
+    Hooks live only on sampled steps and are removed at teardown.
+    """
+
+    def __init__(self, every_n_steps: int = 50, modules: Sequence[str] | str | None = None,
+                 dtype: str | None = None, heatmap: bool = True) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps!r} must be an int >= 1")
+        if dtype is not None:
+            resolved = getattr(torch, str(dtype), None)
+            if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+                raise ValueError(f"dtype={dtype!r} must be null or a float dtype name like 'float16'")
+        self.every_n_steps = every_n_steps
+        self.modules = modules if modules is None or isinstance(modules, (str, type)) else list(modules)
+        self.dtype = dtype
+        self.heatmap = heatmap
+        self.layers: list[str] = []
+        self.steps: list[int] = []
+        self.records: list[Tensor] = []  # per sampled step: (layers, 2 kinds, 4 stats), nan where unseen
+        self._targets: dict[str, nn.Module] = {}
+        self._handles: list[RemovableHandle] = []
+        self._current: Tensor | None = None
+        self._step = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._targets = select_modules(pl_module, self.modules)
+        self.layers = list(self._targets)
+
+    # ---- sampling --------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps != 0 or self._handles or (self.steps and self.steps[-1] == step):
+            return
+        self._step = step
+        self._current = torch.full((len(self.layers), len(KINDS), len(STAT_KEYS)), float("nan"))
+        for i, module in enumerate(self._targets.values()):
+            self._handles.append(module.register_forward_hook(self._forward_hook(i)))
+
+    def _forward_hook(self, i: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(out, Tensor) or not out.is_floating_point() or self._current is None:
+                return
+            if torch.is_grad_enabled() and out.requires_grad:
+                out.register_hook(self._grad_hook(i))
+            self._record(i, 0, out)
+        return hook
+
+    def _grad_hook(self, i: int) -> Any:
+        def hook(grad: Tensor) -> None:
+            self._record(i, 1, grad)
+        return hook
+
+    def _record(self, i: int, kind: int, t: Tensor) -> None:
+        if self._current is None:
+            return
+        stats = tensor_stats_raw(t, self.dtype).cpu()
+        prev = self._current[i, kind]
+        if torch.isnan(prev[3]):  # a layer called twice in one step: keep the worst
+            self._current[i, kind] = stats
+        else:
+            self._current[i, kind] = torch.stack([prev[0] + stats[0], torch.maximum(prev[1], stats[1]),
+                                                  torch.maximum(prev[2], stats[2]), torch.maximum(prev[3], stats[3])])
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._handles:
+            return
+        current = self._current
+        self._remove_hooks()
+        if current is None:
+            return
+        self.records.append(current)
+        self.steps.append(self._step)
+        metrics = {f"numerics/{layer}/{kind}_{key}": float(current[i, k, s])
+                   for i, layer in enumerate(self.layers) for k, kind in enumerate(KINDS)
+                   for s, key in enumerate(STAT_KEYS) if not torch.isnan(current[i, k, s])}
+        for logger in trainer.loggers:  # rank-zero-only writers, no collective
+            logger.log_metrics(metrics, step=self._step)
+
+    # ---- fit end ---------------------------------------------------------------------------------
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_hooks()
+        if not self.records and trainer.world_size == 1:
+            return
+        data = self._gathered(trainer)  # collective: every rank calls it
+        log_dir = trainer.log_dir  # broadcasts: every rank calls it
+        if not trainer.is_global_zero or data.numel() == 0:
+            return
+        summary = self.summary(data)
+        print(format_table(summary))
+        out = Path(log_dir or trainer.default_root_dir)
+        write_json(out / SUMMARY_FILE, {"steps": self.steps, "layers": summary})
+        if self.heatmap:
+            write_heatmap(out / HEATMAP_FILE, data, self.layers, self.steps)
+
+    def _gathered(self, trainer: L.Trainer) -> Tensor:
+        """(steps, layers, kinds, stats) combined over ranks: nonfinite summed, shares averaged, amax max."""
+        local = torch.stack(self.records) if self.records else torch.empty(0, len(self.layers), 2, 4)
+        if trainer.world_size == 1:
+            return local
+        every = trainer.strategy.all_gather(local.to(trainer.strategy.root_device)).cpu()  # (ranks, ...)
+        filled = torch.nan_to_num(every, nan=0.0)
+        seen = (~torch.isnan(every)).float().sum(0).clamp(min=1)
+        out = torch.stack([filled[..., 0].sum(0), filled[..., 1].sum(0) / seen[..., 1],
+                           filled[..., 2].sum(0) / seen[..., 2], filled[..., 3].amax(0)], dim=-1)
+        return torch.where(torch.isnan(every).all(0), torch.full_like(out, float("nan")), out)
+
+    def summary(self, data: Tensor | None = None) -> dict[str, dict[str, float]]:
+        """Per layer, over sampled steps: total non-finite, worst shares and amax (``<kind>_<stat>``)."""
+        data = torch.stack(self.records) if data is None else data
+        out: dict[str, dict[str, float]] = {}
+        for i, layer in enumerate(self.layers):
+            row: dict[str, float] = {}
+            for k, kind in enumerate(KINDS):
+                col = data[:, i, k]
+                col = col[~torch.isnan(col[:, 3])]
+                if len(col) == 0:
+                    continue
+                row[f"{kind}_nonfinite"] = int(col[:, 0].sum())
+                row[f"{kind}_underflow_share"] = float(col[:, 1].max())
+                row[f"{kind}_overflow_share"] = float(col[:, 2].max())
+                row[f"{kind}_amax"] = float(col[:, 3].max())
+            out[layer] = row
+        return out
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._current = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+
+def format_table(summary: dict[str, dict[str, float]]) -> str:
+    """Markdown table of ``NumericsMonitor.summary()``."""
+    cols = [f"{k}_{s}" for k in KINDS for s in STAT_KEYS]
+    lines = ["| layer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for layer, row in summary.items():
+        cells = [f"{row[c]:.3g}" if c in row else "-" for c in cols]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_heatmap(path: Path, data: Tensor, layers: list[str], steps: list[int]) -> Path:
+    """PNG with one layers x steps panel per (kind, stat): log10 amax and underflow share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("act", 3, "log10 act amax"), ("grad", 3, "log10 grad amax"),
+              ("act", 1, "act underflow share"), ("grad", 1, "grad underflow share")]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 2 + 0.35 * len(layers)), squeeze=False)
+    for ax, (kind, stat, title) in zip(axes.flat, panels, strict=True):
+        values = data[:, :, KINDS.index(kind), stat].T.numpy()  # layers x steps
+        if stat == 3:
+            values = torch.log10(torch.from_numpy(values).clamp(min=1e-30)).numpy()
+        image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_title(title)
+        ax.set_yticks(range(len(layers)), layers, fontsize=7)
+        ticks = list(range(0, len(steps), max(1, len(steps) // 8)))
+        ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
+        ax.set_xlabel("step")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
