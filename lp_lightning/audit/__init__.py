@@ -1,6 +1,9 @@
 """Pure numerics (no Lightning): tolerance audit (Lemma 1), epsilon safety, overflow statistics."""
 
+from lp_lightning.audit.epsilon import EpsCheck, UnsafeEpsilonError, check_optimizer, fix_optimizer, safe_eps
+from lp_lightning.audit.overflow import tensor_stats
 from lp_lightning.audit.tolerance import certificate, compare, error, summarize, tolerance
 
 __all__: list[str] = []
 __all__ += ["certificate", "compare", "error", "summarize", "tolerance"]
+__all__ += ["EpsCheck", "UnsafeEpsilonError", "check_optimizer", "fix_optimizer", "safe_eps", "tensor_stats"]
