@@ -159,6 +159,7 @@ class ToleranceAudit(Callback):
     def audit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Comparison:
         """Low-precision and reference logits on this rank's validation data, gathered over all ranks."""
         loader = self._loader(trainer)
+        n_batches = trainer.num_val_batches[0] if trainer.num_val_batches else float("inf")  # limit_val_batches
         plugin = trainer.precision_plugin
         world = trainer.world_size
         cap = None if self.max_samples is None else -(-self.max_samples // world)
@@ -166,7 +167,9 @@ class ToleranceAudit(Callback):
         with rng_preserved(), eval_mode(pl_module):
             reference = reference_copy(pl_module, plugin, self.reference_dtype)
             n = 0
-            for batch in loader:
+            for i, batch in enumerate(loader):
+                if i >= n_batches:
+                    break
                 x = _inputs(batch).to(pl_module.device)
                 if cap is not None:
                     x = x[: cap - n]
