@@ -47,11 +47,19 @@ def predict(sess: ort.InferenceSession, x: np.ndarray, chunk: int = 256) -> np.n
 
 
 def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray, ref_logits: np.ndarray,
-                    threads: int = 1) -> dict[str, Any]:
-    """Quality of one ONNX model on the test split against the PyTorch fp32 model's logits ``ref_logits``."""
+                    threads: int = 1, other_refs: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Quality of one ONNX model on the test split against the PyTorch fp32 model's logits ``ref_logits``.
+
+    ``other_refs`` (e.g. ``{"fake_quant": logits}``) add ``agreement_<name>`` and ``max_abs_logit_diff_<name>``.
+    """
     logits = predict(session(path, threads), np.ascontiguousarray(x, dtype=np.float32)).astype(np.float32)
     audit = summarize(torch.from_numpy(logits), torch.from_numpy(ref_logits.astype(np.float32)))
+    extra: dict[str, float] = {}
+    for name, other in (other_refs or {}).items():
+        extra[f"agreement_{name}"] = float((logits.argmax(1) == other.argmax(1)).mean())
+        extra[f"max_abs_logit_diff_{name}"] = float(np.abs(logits - other).max())
     return {
+        **extra,
         "path": str(path),
         "size_bytes": file_size(path),
         "accuracy": float((logits.argmax(1) == y).mean()),

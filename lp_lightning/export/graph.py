@@ -68,19 +68,26 @@ class LayerNode:
 
 
 def layer_nodes(model: onnx.ModelProto) -> dict[str, LayerNode]:
-    """Map fully-qualified torch module names to their Gemm/MatMul/Conv node (dynamo exporter metadata)."""
+    """Map fully-qualified torch module names to their Gemm/MatMul/Conv node.
+
+    A node is named by its weight initializer (``<fqn>.weight``, kept by the dynamo exporter for Gemm and
+    Conv, also after BatchNorm folding) and by the exporter's name-scope metadata (MatMul on transposed
+    weights); the initializer name wins.
+    """
     inits = {i.name for i in model.graph.initializer}
-    found: dict[str, LayerNode] = {}
+    by_scope: dict[str, LayerNode] = {}
+    by_weight: dict[str, LayerNode] = {}
     for node in model.graph.node:
         if node.op_type not in ("Gemm", "MatMul", "Conv") or len(node.input) < 2 or node.input[1] not in inits:
             continue
+        layer = LayerNode(node.op_type, node.input[0], node.input[1])
+        if node.input[1].endswith(".weight"):
+            by_weight.setdefault(node.input[1].removesuffix(".weight"), layer)
         scopes = next((p.value for p in node.metadata_props if p.key == _SCOPES_KEY), None)
-        if not scopes:
-            continue
-        names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+        names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")] if scopes else []
         if len(names) >= 2 and names[-2]:
-            found.setdefault(names[-2], LayerNode(node.op_type, node.input[0], node.input[1]))
-    return found
+            by_scope.setdefault(names[-2], layer)
+    return {**by_scope, **by_weight}
 
 
 def op_types(model: onnx.ModelProto) -> list[str]:

@@ -73,7 +73,8 @@ def _weight_override(node: LayerNode, onnx_w: np.ndarray, module: nn.Module, q: 
     if len(scale) != len(factor) or not np.all(scale > 0):
         return None
     axis = 1 if transposed else 0
-    return [{"axis": axis, "quant_type": QuantType.QInt8, "scale": np.float32(s), "zero_point": np.int8(0)}
+    return [{"axis": axis, "quant_type": QuantType.QInt8, "scale": np.array(s, dtype=np.float32),
+             "zero_point": np.array(0, dtype=np.int8)}
             for s in scale]
 
 
@@ -98,8 +99,9 @@ def learned_overrides(fp32: onnx.ModelProto, pre: onnx.ModelProto, model: nn.Mod
         if q.get("act_bits") == 8 and q.get("act_scale") and node.activation in tensors \
                 and node.activation not in inits:
             zp = int(q.get("act_zero_point") or 0) + 128  # signed [-128, 127] -> uint8 [0, 255]
-            overrides[node.activation] = [{"quant_type": QuantType.QUInt8, "scale": np.float32(q["act_scale"]),
-                                           "zero_point": np.uint8(min(max(zp, 0), 255))}]
+            overrides[node.activation] = [{"quant_type": QuantType.QUInt8,
+                                           "scale": np.array(q["act_scale"], dtype=np.float32),
+                                           "zero_point": np.array(min(max(zp, 0), 255), dtype=np.uint8)}]
         if node.weight in inits:
             w = _weight_override(node, onnx.numpy_helper.to_array(inits[node.weight]), module, q)
             if w is not None:

@@ -107,6 +107,7 @@ def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
     x_test, y_test, calib = _splits(ckpt["hyper_parameters"], cfg)
     with torch.no_grad():
         ref = plain(torch.from_numpy(x_test)).float().numpy()
+        others = {"fake_quant": model(torch.from_numpy(x_test)).float().numpy()} if qparams else {}
     written: list[Path] = []
     try:
         log("[lp-export] fp32: torch.onnx.export (dynamic batch, weights inside the file)")
@@ -138,7 +139,7 @@ def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
         metrics = {}
         for fmt, path in paths.items():
             log(f"[lp-export] {fmt}: evaluating on {len(y_test)} test samples (onnxruntime CPU)")
-            metrics[fmt] = evaluate_format(path, x_test, y_test, ref, cfg.threads)
+            metrics[fmt] = evaluate_format(path, x_test, y_test, ref, cfg.threads, others)
         log(f"[lp-export] latency: batch {list(cfg.latency_batch_sizes)}, {cfg.threads} thread(s), "
             f"{cfg.warmup} warm-up + {cfg.iters} interleaved runs")
         lat = measure_latency(paths, latency_inputs(x_test, cfg.latency_batch_sizes), cfg.threads, cfg.warmup,

@@ -4,7 +4,9 @@ Per format (DESIGN keys): ``path, size_bytes, accuracy, agreement, certified_fra
 max_abs_logit_diff, latency_ms_p50, latency_ms_p90, batch_size, threads, op_types``. The p50/p90 pair is
 at ``batch_size`` (the first latency batch size, 1 by default); every measured batch size is in the
 nested ``latency_ms: {"<batch>": {"p50": ..., "p90": ...}}``. Extra keys: ``violations``, ``n_samples``,
-``size_ratio`` (vs fp32 when exported), ``quantization`` (how the format was made).
+``size_ratio`` and ``latency_ratio`` (vs fp32 when exported), ``quantization`` (how the format was made),
+and for FakeQuantPrecision checkpoints ``agreement_fake_quant``/``max_abs_logit_diff_fake_quant`` against the
+PyTorch fake-quant model (the model as trained) besides the plain fp32 model of the DESIGN keys.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def format_entry(metrics: Mapping[str, Any], latency: Mapping[int, Mapping[str, 
         "latency_ms": {str(b): dict(latency[int(b)]) for b in batch_sizes},
         "n_samples": metrics["n_samples"],
         "quantization": dict(quantization or {}),
+        **{k: v for k, v in metrics.items() if k.startswith(("agreement_", "max_abs_logit_diff_"))},
     }
 
 
