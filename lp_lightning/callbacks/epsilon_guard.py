@@ -24,9 +24,14 @@ from lp_lightning.audit.epsilon import (
 ACTIONS = ("warn", "raise", "fix")
 # Run-time thresholds (documented in docs/sections/safety.md); crossing one warns once per metric.
 THRESHOLDS: dict[str, float] = {
-    "v_zero_share": 0.01,  # >1% of moving entries have v == 0: squared gradients underflow
-    "eps_dominated_share": 0.9,  # >90% of denominators are set by eps: Adam has become SGD-with-momentum
-    "max_update_over_lr": 10.0,  # Adam's step is ~lr per entry; 10x (or inf) means m / (tiny denominator)
+    # >95% of moving entries have v == 0: nearly all squared gradients underflow (pure fp16 Adam with a
+    # safe eps sits at ~50-80% on digits; those entries step by m / eps, which the safe eps bounds)
+    "v_zero_share": 0.95,
+    # >95% of denominators are set by eps: Adam has become SGD with momentum at lr / eps
+    "eps_dominated_share": 0.95,
+    # a safe eps bounds |update| / lr by about 1 / sqrt(1 - beta2) (~32 for beta2 = 0.999) when
+    # (1 - beta2) * g^2 underflows; a lost eps gives inf, eps = 1e-5 in fp16 ~550
+    "max_update_over_lr": 100.0,
 }
 
 
@@ -150,8 +155,8 @@ class EpsilonGuard(Callback):
 
 
 _ADVICE = {
-    "v_zero_share": "squared gradients underflow; raise eps or train in bfloat16",
-    "eps_dominated_share": "eps sets most steps; a smaller (still safe) eps restores adaptivity",
+    "v_zero_share": "squared gradients underflow in the state dtype; bfloat16 keeps them",
+    "eps_dominated_share": "eps, not the gradients, sets most steps (SGD with momentum at lr / eps)",
     "max_update_over_lr": "updates explode (tiny denominators); raise eps",
 }
 

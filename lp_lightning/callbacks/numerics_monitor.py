@@ -191,6 +191,9 @@ class NumericsMonitor(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_hooks()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()  # Lightning skips teardown hooks when fit raises
+
 
 def format_table(summary: dict[str, dict[str, float]]) -> str:
     """Markdown table of ``NumericsMonitor.summary()``."""
