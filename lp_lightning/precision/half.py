@@ -116,9 +116,10 @@ class PureHalfPrecision(HalfPrecision):
 
     def unscale_gradients(self, optimizer: Optimizer) -> bool:
         """Unscale ``optimizer``'s 16-bit gradients in place (once per step); True if any is inf/nan."""
-        key = id(optimizer)
         if self.scaler is None:
             return False
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer (manual loops) -> torch's
+        key = id(optimizer)
         if key not in self._found_inf:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             self._found_inf[key] = self.scaler.unscale_(params, self._backward_scale)
@@ -137,7 +138,7 @@ class PureHalfPrecision(HalfPrecision):
             return closure_result
         found_inf = self.unscale_gradients(optimizer)  # before the hooks, so clipping sees true gradients
         self._after_closure(model, optimizer)
-        found_inf = self._found_inf.pop(id(optimizer), found_inf)
+        found_inf = self._found_inf.pop(id(getattr(optimizer, "_optimizer", optimizer)), found_inf)
         result = None if found_inf else optimizer.step(**kwargs)
         self.scaler.update(found_inf)
         self._log_scale(model)

@@ -61,8 +61,10 @@ class LossScaler:
                 g = g.coalesce()._values()
             by_device.setdefault(g.device, []).append(g)
         for device, group in by_device.items():
-            found_inf = torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, torch.full((1,), inv, device=device))
+            # explicit fp32: in manual loops this runs under the plugin's 16-bit default dtype
+            found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+            inv_scale = torch.full((1,), inv, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale)
             found = found or bool(found_inf.item())
         return found
 
