@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in COMPUTE_DTYPES.items()}
 LIGHTNING_STRINGS = {torch.bfloat16: "bf16-true", torch.float32: "32-true"}
 DEFAULT_SKIP = ("classifier",)
 FP8_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) are the first GPUs with FP8 tensor cores
@@ -34,7 +35,9 @@ class _TorchaoNoise(logging.Filter):
         if record.name == "torchao":  # "Failed to load .../torchao/_C_mxfp8...so: Could not load this library"
             return not (msg.startswith("Failed to load") and "torchao/_C" in record.getMessage())
         if record.name == "torch.utils._pytree":  # torchao registers its Enums as pytree constants
-            return not ("is an Enum subclass" in msg and "torchao" in record.getMessage())
+            args = record.args if isinstance(record.args, tuple) else ()
+            owner = getattr(args[0], "__module__", "") if args else ""
+            return not ("is an Enum subclass" in msg and str(owner).startswith("torchao"))
         return True
 
 
@@ -100,8 +103,10 @@ class Float8Precision(Precision):
             (FP8 rounding, matmul in float32); ``True`` always emulates; ``False`` requires the hardware.
         skip: fully-qualified names (or trailing parts of them) of Linear layers kept in high precision;
             by default the ``classifier`` head.
-        compute_dtype: dtype of the weights and of every op outside the FP8 matmuls: ``"bfloat16"``
-            or ``"float32"`` (faster on CPUs without native bf16 matmul; see docs/sections/fp8.md).
+        compute_dtype: dtype of the weights and of every op outside the FP8 matmuls: ``"bfloat16"``,
+            ``"float32"`` or ``"auto"``: bfloat16 with real FP8 kernels, float32 when emulating (the
+            emulated FP8 matmul runs in float32 anyway, and CPUs without native bf16 matmul run the
+            remaining ops several times slower in bfloat16; see docs/sections/fp8.md).
 
     Linear layers whose in/out features are not multiples of 16 (what FP8 kernels need) stay in
     ``compute_dtype``; the converted names are in ``converted_layers``. Checkpoints hold ordinary weights.
@@ -110,14 +115,14 @@ class Float8Precision(Precision):
     precision: str = "bf16-true"
 
     def __init__(self, recipe: str = "tensorwise", emulate: bool | None = None,
-                 skip: Sequence[str] | None = None, compute_dtype: str = "bfloat16") -> None:
+                 skip: Sequence[str] | None = None, compute_dtype: str = "auto") -> None:
         if recipe not in RECIPES:
             raise ValueError(f"Float8Precision(recipe={recipe!r}) is unknown; allowed: {list(RECIPES)}")
         if emulate is not None and not isinstance(emulate, bool):
             raise ValueError(f"Float8Precision(emulate={emulate!r}) must be True, False or None (auto)")
-        if compute_dtype not in COMPUTE_DTYPES:
+        if compute_dtype not in (*COMPUTE_DTYPES, "auto"):
             raise ValueError(f"Float8Precision(compute_dtype={compute_dtype!r}) is unknown; "
-                             f"allowed: {list(COMPUTE_DTYPES)}")
+                             f"allowed: {[*COMPUTE_DTYPES, 'auto']}")
         if isinstance(skip, str) or (skip is not None and not all(isinstance(s, str) for s in skip)):
             raise ValueError(f"Float8Precision(skip={skip!r}) must be a list of module names, e.g. ['classifier']")
         import_torchao_float8()
@@ -132,6 +137,8 @@ class Float8Precision(Precision):
         self.recipe = recipe
         self.emulate: bool = emulate
         self.skip: list[str] = list(DEFAULT_SKIP if skip is None else skip)
+        if compute_dtype == "auto":
+            compute_dtype = "float32" if emulate else "bfloat16"
         self.compute_dtype: torch.dtype = COMPUTE_DTYPES[compute_dtype]
         self.precision = LIGHTNING_STRINGS[self.compute_dtype]
         self.converted_layers: list[str] = []
@@ -175,15 +182,15 @@ class Float8Precision(Precision):
                 "with in/out features divisible by 16. Use another precision or adjust skip=[...].")
         odd = {k: v for k, v in skipped.items() if v != "skip"}
         if odd:
-            rank_zero_warn(f"Float8Precision keeps {len(odd)} Linear layer(s) in {self.compute_dtype} because FP8 "
-                           f"kernels need in/out features divisible by 16: {odd}")
+            rank_zero_warn(f"Float8Precision keeps {len(odd)} Linear layer(s) in {DTYPE_NAMES[self.compute_dtype]} "
+                           f"because FP8 kernels need in/out features divisible by 16: {odd}")
         wanted = set(convert)
         module = import_torchao_float8().convert_to_float8_training(
             module, config=self.float8_config(), module_filter_fn=lambda _m, fqn: fqn in wanted)
         self.converted_layers, self.skipped_layers = convert, skipped
         mode = "emulated" if self.emulate else "real FP8 kernels"
         rank_zero_info(f"Float8Precision: {len(convert)} Linear layer(s) converted to FP8 ({self.recipe}, {mode}); "
-                       f"{len(skipped)} kept in {self.compute_dtype}")
+                       f"{len(skipped)} kept in {DTYPE_NAMES[self.compute_dtype]}")
         return module.to(dtype=self.compute_dtype)
 
     def connect(self, model: nn.Module, optimizers: list[Any], lr_schedulers: list[Any]) -> Any:
@@ -238,7 +245,7 @@ class Float8Precision(Precision):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain config of the run (torchao's dynamic scaling keeps no state between steps)."""
-        return {"recipe": self.recipe, "emulate": self.emulate, "compute_dtype": str(self.compute_dtype),
+        return {"recipe": self.recipe, "emulate": self.emulate, "compute_dtype": DTYPE_NAMES[self.compute_dtype],
                 "skip": list(self.skip), "converted_layers": list(self.converted_layers)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
