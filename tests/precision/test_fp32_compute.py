@@ -1,0 +1,124 @@
+"""The fp32_accumulate compute mode: fp32 matrix products, 16-bit everything else (incl. saved tensors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lp_lightning.precision import PureHalfPrecision, fp32_compute
+from lp_lightning.precision.fp32_compute import Fp32Accumulate, resolve_compute
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _saved_dtypes(fn):
+    """Run ``fn`` and return (its output, the dtypes of every tensor autograd saved for backward)."""
+    dtypes: set[torch.dtype] = set()
+
+    def pack(t):
+        dtypes.add(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, dtypes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layer", ["linear", "conv", "bmm", "matmul3d"])
+def test_products_are_fp32_rounded_to_16bit(dtype, layer):
+    torch.manual_seed(0)
+    if layer == "linear":
+        mod = nn.Linear(32, 16).to(dtype)
+        x = torch.randn(8, 32).to(dtype).requires_grad_()
+        fn = lambda inp: mod(inp)  # noqa: E731
+        ref = lambda inp: F.linear(inp.float(), mod.weight.float(), mod.bias.float())  # noqa: E731
+    elif layer == "conv":
+        mod = nn.Conv2d(3, 8, 3, padding=1).to(dtype)
+        x = torch.randn(4, 3, 8, 8).to(dtype).requires_grad_()
+        fn = lambda inp: mod(inp)  # noqa: E731
+        ref = lambda inp: F.conv2d(inp.float(), mod.weight.float(), mod.bias.float(), padding=1)  # noqa: E731
+    else:
+        mod = nn.Module()
+        mod.weight = nn.Parameter(torch.randn(4, 32, 16).to(dtype))
+        x = torch.randn(4, 8, 32).to(dtype).requires_grad_()
+        op = torch.bmm if layer == "bmm" else torch.matmul
+        fn = lambda inp: op(inp, mod.weight)  # noqa: E731
+        ref = lambda inp: op(inp.float(), mod.weight.float())  # noqa: E731
+
+    with Fp32Accumulate(dtype):
+        out, saved = _saved_dtypes(lambda: fn(x))
+        out.float().square().sum().backward()
+    assert out.dtype == dtype
+    assert saved <= {dtype, torch.int64}, saved  # no fp32 copy is kept for backward
+    torch.testing.assert_close(out, ref(x).to(dtype), rtol=0, atol=0)  # fp32 result rounded once
+
+    grads = [x.grad, *[p.grad for p in mod.parameters()]]
+    assert {g.dtype for g in grads} == {dtype}
+    x32 = x.detach().float().requires_grad_()
+    want = torch.autograd.grad(ref(x32).to(dtype).float().square().sum(), [x32])[0]
+    torch.testing.assert_close(x.grad.float(), want, rtol=2e-2, atol=1e-2)
+
+
+def test_other_dtypes_pass_through():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with Fp32Accumulate(torch.float16):
+        assert (a @ b).dtype == torch.float32
+        assert (a.bfloat16() @ b.bfloat16()).dtype == torch.bfloat16
+
+
+def test_plugin_applies_mode_in_forward_and_backward():
+    seen: list[str] = []
+    plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
+    mod = plugin.convert_module(nn.Linear(8, 4))
+    original = Fp32Accumulate.__torch_dispatch__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(func.__name__)
+        return original(self, func, types, args, kwargs)
+
+    Fp32Accumulate.__torch_dispatch__ = spy
+    try:
+        with plugin.forward_context():
+            loss = mod(plugin.convert_input(torch.randn(2, 8))).float().sum()
+        plugin.backward(loss, _NoHooks(), None)
+    finally:
+        Fp32Accumulate.__torch_dispatch__ = original
+    assert "addmm.default" in seen and "mm.default" in seen  # forward addmm, backward mm
+    assert mod.weight.grad.dtype == torch.float16
+
+
+class _NoHooks:
+    """Enough of a LightningModule for ``Precision.backward``: it calls ``model.backward(loss)``."""
+
+    @staticmethod
+    def backward(loss: torch.Tensor, *args, **kwargs) -> None:
+        loss.backward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype, flags, device, want", [
+    (torch.float16, set(), "cpu", "fp32_accumulate"),
+    (torch.bfloat16, set(), "cpu", "fp32_accumulate"),
+    (torch.bfloat16, {"avx512_bf16"}, "cpu", "native"),
+    (torch.float16, {"avx512_bf16"}, "cpu", "fp32_accumulate"),
+    (torch.float16, {"amx_fp16"}, "cpu", "native"),
+    (torch.float16, set(), "cuda", "native"),
+])
+def test_auto_resolution(monkeypatch, dtype, flags, device, want):
+    monkeypatch.setattr(fp32_compute, "_cpu_flags", lambda: frozenset(flags))
+    assert resolve_compute("auto", dtype, device)[0] == want
+    assert resolve_compute("native", dtype, device)[0] == "native"
+
+
+def test_auto_choice_is_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(fp32_compute, "_cpu_flags", lambda: frozenset())
+    plugin = PureHalfPrecision("bfloat16")
+    plugin.convert_module(nn.Linear(2, 2))
+    with caplog.at_level("INFO"):
+        for _ in range(3):
+            with plugin.forward_context():
+                pass
+    assert plugin.compute_mode == "fp32_accumulate"
+    assert sum("compute='fp32_accumulate'" in r.getMessage() for r in caplog.records) == 1

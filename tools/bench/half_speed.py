@@ -1,0 +1,171 @@
+"""Pure 16-bit: memory (params + grads + optimizer state) and training-step time, side by side in one run.
+
+    python -m lp_lightning.tools.bench.half_speed --models mlp cnn --rounds 5 --threads 1 --out half_speed.json
+
+Memory: bytes after one Lightning step in fp32 and in pure fp16/bf16 (same model, same optimizer) and
+their ratio. Speed: median step time (forward + backward + optimizer step, measured by a callback) of
+fp32, Lightning's "16-true"/"bf16-true", PureHalfPrecision compute="native", "fp32_accumulate" and
+"auto", interleaved round by round so that load on the machine hits every variant alike. Ratios:
+native / Lightning (target <= 1.05) and auto / fp32 (target <= 1.0 on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lp_lightning.data import DigitsDataModule
+from lp_lightning.io import write_json
+from lp_lightning.models import Classifier
+from lp_lightning.precision import PureHalfPrecision
+from lp_lightning.precision.fp32_compute import resolve_compute
+
+NET_KWARGS = {"mlp": {"hidden": [256, 256]}, "cnn": {"channels": [32, 64], "blocks_per_stage": 1},
+              "vit": {"dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2}}
+OPTIMIZERS = {"sgd": {"name": "sgd", "lr": 0.01, "momentum": 0.9}, "adam": {"name": "adam", "lr": 1e-3, "eps": 1e-4}}
+
+
+class StepTimer(Callback):
+    """Wall time of every training batch (forward, backward, optimizer step) and the bytes it holds."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.times: list[float] = []
+        self.grad_bytes = 0
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
+        self.sync()
+        self._start = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.grad_bytes = sum(p.grad.nbytes for p in pl_module.parameters() if p.grad is not None)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def variants(dtype: str) -> dict[str, dict[str, Any]]:
+    """Trainer kwargs per variant name for one 16-bit dtype."""
+    tag, lightning = ("fp16", "16-true") if dtype == "float16" else ("bf16", "bf16-true")
+    return {
+        f"lightning {lightning}": {"precision": lightning},
+        f"{tag} native": {"plugins": [PureHalfPrecision(dtype, compute="native")]},
+        f"{tag} fp32_accumulate": {"plugins": [PureHalfPrecision(dtype, compute="fp32_accumulate")]},
+        f"{tag} auto": {"plugins": [PureHalfPrecision(dtype, compute="auto")]},
+    }
+
+
+def fit_steps(net: str, optimizer: dict[str, Any], steps: int, batch_size: int, accelerator: str,
+              sync: Callable[[], None], **trainer_kwargs: Any) -> tuple[StepTimer, L.Trainer, Classifier]:
+    """Train ``steps`` batches; return the timer, the trainer and the model."""
+    L.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=batch_size)
+    model = Classifier(net=net, input_shape=list(dm.input_shape), num_classes=dm.num_classes,
+                       net_kwargs=NET_KWARGS[net], optimizer=optimizer)
+    timer = StepTimer(sync)
+    trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[timer], **trainer_kwargs)
+    trainer.fit(model, datamodule=dm)
+    return timer, trainer, model
+
+
+def memory(net: str, opt_name: str, accelerator: str, sync: Callable[[], None]) -> dict[str, Any]:
+    """Bytes of parameters, gradients and optimizer state after one step: fp32 vs pure fp16/bf16."""
+    row: dict[str, Any] = {"model": net, "optimizer": opt_name}
+    for name, kwargs in {"fp32": {}, "fp16": {"plugins": [PureHalfPrecision("float16")]},
+                         "bf16": {"plugins": [PureHalfPrecision("bfloat16")]}}.items():
+        timer, trainer, model = fit_steps(net, OPTIMIZERS[opt_name], 1, 64, accelerator, sync, **kwargs)
+        state = [t for s in trainer.optimizers[0].state.values() for t in s.values() if torch.is_tensor(t)]
+        scalars = sum(t.nbytes for t in state if t.dim() == 0)  # Adam's step counters stay fp32 by design
+        total = (sum(p.nbytes for p in model.parameters()) + timer.grad_bytes
+                 + sum(t.nbytes for t in state if t.dim() > 0))
+        row[f"{name}_bytes"] = total
+        row[f"{name}_step_counter_bytes"] = scalars
+    for name in ("fp16", "bf16"):
+        row[f"{name}_ratio"] = row[f"{name}_bytes"] / row["fp32_bytes"]
+    return row
+
+
+def speed(net: str, rounds: int, steps: int, batch_size: int, accelerator: str,
+          sync: Callable[[], None]) -> dict[str, Any]:
+    """Median step time of every variant, interleaved; plus the ratios the targets are about."""
+    names = ["fp32", *variants("float16"), *variants("bfloat16")]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        all_variants = {"fp32": {"precision": "32-true"}, **variants("float16"), **variants("bfloat16")}
+        for name, kwargs in all_variants.items():
+            timer, _, _ = fit_steps(net, OPTIMIZERS["sgd"], steps, batch_size, accelerator, sync, **kwargs)
+            times[name].extend(timer.times[1:])  # the first step warms up
+    ms = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+    row: dict[str, Any] = {"model": net, "batch_size": batch_size, "step_ms": ms}
+    for tag, lightning in (("fp16", "lightning 16-true"), ("bf16", "lightning bf16-true")):
+        row[f"{tag}_native_vs_lightning"] = ms[f"{tag} native"] / ms[lightning]
+        row[f"{tag}_auto_vs_fp32"] = ms[f"{tag} auto"] / ms["fp32"]
+        row[f"{tag}_fp32_accumulate_vs_fp32"] = ms[f"{tag} fp32_accumulate"] / ms["fp32"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=sorted(NET_KWARGS))
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per round (first one not timed)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--skip-speed", action="store_true", help="memory table only")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    sync = torch.cuda.synchronize if accelerator == "gpu" else (lambda: None)
+    auto = {d: resolve_compute("auto", getattr(torch, d), device)[0] for d in ("float16", "bfloat16")}
+    info = {"device": torch.cuda.get_device_name() if accelerator == "gpu" else torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "auto": auto, "torch": torch.__version__}
+    print(f"device={info['device']} threads={info['threads']} auto: fp16 -> {auto['float16']}, "
+          f"bf16 -> {auto['bfloat16']}\n")
+
+    mem = [memory(net, opt, accelerator, sync) for net in args.models for opt in OPTIMIZERS]
+    print("| model | optimizer | fp32 bytes | fp16 bytes | bf16 bytes | fp16/fp32 | bf16/fp32 |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in mem:
+        print(f"| {r['model']} | {r['optimizer']} | {r['fp32_bytes']:,} | {r['fp16_bytes']:,} | {r['bf16_bytes']:,} "
+              f"| {r['fp16_ratio']:.4f} | {r['bf16_ratio']:.4f} |")
+    print("(params + grads + optimizer state; Adam's 4-byte step counters are fp32 in every precision and "
+          "left out)\n")
+    result: dict[str, Any] = {"info": info, "memory": mem, "speed": []}
+    if not args.skip_speed:
+        for net in args.models:
+            result["speed"].append(speed(net, args.rounds, args.steps, args.batch_size, accelerator, sync))
+        names = list(result["speed"][0]["step_ms"])
+        print(f"Step time in ms (median), batch {args.batch_size}, {args.rounds} interleaved rounds\n")
+        print("| model | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for r in result["speed"]:
+            print(f"| {r['model']} | " + " | ".join(f"{r['step_ms'][n]:.1f}" for n in names) + " |")
+        keys = [k for k in result["speed"][0] if k.endswith(("_vs_lightning", "_vs_fp32"))]
+        print("\n| model | " + " | ".join(keys) + " |")
+        print("|---|" + "---:|" * len(keys))
+        for r in result["speed"]:
+            print(f"| {r['model']} | " + " | ".join(f"{r[k]:.2f}x" for k in keys) + " |")
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
