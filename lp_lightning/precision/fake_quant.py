@@ -52,8 +52,8 @@ class FakeQuantPrecision(Precision):
                  granularity: str = "per_channel", group_size: int = 32,
                  freeze_observers_after: int | None = None, skip: Sequence[str] | None = None,
                  averaging_constant: float = 0.01) -> None:
-        weight_bits = cast(int, parse_bits(weight, "FakeQuantPrecision(weight)", (8, 4)))
-        act_bits = parse_bits(activation, "FakeQuantPrecision(activation)", (8,), allow_none=True)
+        weight_bits = cast(int, parse_bits(weight, "weight", (8, 4), owner="FakeQuantPrecision"))
+        act_bits = parse_bits(activation, "activation", (8,), allow_none=True, owner="FakeQuantPrecision")
         if granularity not in GRANULARITIES:
             raise ValueError(f"FakeQuantPrecision(granularity={granularity!r}) is unknown; "
                              f"allowed: {list(GRANULARITIES)}")

@@ -9,8 +9,12 @@ ACT_BITS = (8,)
 GRANULARITIES = ("per_channel", "per_group")
 
 
-def parse_bits(value: object, argument: str, allowed: tuple[int, ...], allow_none: bool = False) -> int | None:
-    """``"int8"``/``"int4"``/``8``/``4`` (and ``None``/``"none"`` when allowed) -> bits; ValueError otherwise."""
+def parse_bits(value: object, argument: str, allowed: tuple[int, ...], allow_none: bool = False,
+               owner: str = "") -> int | None:
+    """``"int8"``/``"int4"``/``8``/``4`` (and ``None``/``"none"`` when allowed) -> bits; ValueError otherwise.
+
+    The error names ``argument`` (inside ``owner(...)`` when given), shows the value and lists what is allowed.
+    """
     names = [f"'int{b}'" for b in allowed] + (["None"] if allow_none else [])
     if value is None or (isinstance(value, str) and value.lower() in ("none", "fp32", "float32")):
         if allow_none:
@@ -23,7 +27,8 @@ def parse_bits(value: object, argument: str, allowed: tuple[int, ...], allow_non
         bits = int(value[3:])
         if bits in allowed:
             return bits
-    raise ValueError(f"{argument}={value!r} is not supported; allowed: {', '.join(names)}")
+    shown = f"{owner}({argument}={value!r})" if owner else f"{argument}={value!r}"
+    raise ValueError(f"{shown} is not supported; allowed: {', '.join(names)}")
 
 
 @dataclass(frozen=True)
