@@ -206,28 +206,25 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
 
 
 def write_heatmap(path: Path, data: Tensor, layers: list[str], steps: list[int]) -> Path:
-    """PNG with one layers x steps panel per (kind, stat): log10 amax and underflow share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PNG with one layers x steps panel per (kind, stat): log10 amax and underflow share (Agg, atomic)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     panels = [("act", 3, "log10 act amax"), ("grad", 3, "log10 grad amax"),
               ("act", 1, "act underflow share"), ("grad", 1, "grad underflow share")]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 2 + 0.35 * len(layers)), squeeze=False)
-    for ax, (kind, stat, title) in zip(axes.flat, panels, strict=True):
-        values = data[:, :, KINDS.index(kind), stat].T.numpy()  # layers x steps
+    fig = Figure(figsize=(12, 2 + 0.35 * len(layers)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (kind, stat, title) in zip(fig.subplots(2, 2, squeeze=False).flat, panels, strict=True):
+        values = data[:, :, KINDS.index(kind), stat].T  # layers x steps
         if stat == 3:
-            values = torch.log10(torch.from_numpy(values).clamp(min=1e-30)).numpy()
-        image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis")
+            values = torch.log10(values.clamp(min=1e-30))
+        image = ax.imshow(values.numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
         ax.set_title(title)
         ax.set_yticks(range(len(layers)), layers, fontsize=7)
         ticks = list(range(0, len(steps), max(1, len(steps) // 8)))
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
         ax.set_xlabel("step")
         fig.colorbar(image, ax=ax)
-    fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+        fig.savefig(tmp, format="png", dpi=80)
     return Path(path)
