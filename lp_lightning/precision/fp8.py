@@ -184,9 +184,12 @@ class Float8Precision(Precision):
         if odd:
             rank_zero_warn(f"Float8Precision keeps {len(odd)} Linear layer(s) in {DTYPE_NAMES[self.compute_dtype]} "
                            f"because FP8 kernels need in/out features divisible by 16: {odd}")
-        wanted = set(convert)
+        from torchao.float8.float8_linear import Float8Linear
+
+        wanted = set(convert)  # a second fit/test on the same Trainer finds the layers already converted
         module = import_torchao_float8().convert_to_float8_training(
-            module, config=self.float8_config(), module_filter_fn=lambda _m, fqn: fqn in wanted)
+            module, config=self.float8_config(),
+            module_filter_fn=lambda m, fqn: fqn in wanted and not isinstance(m, Float8Linear))
         self.converted_layers, self.skipped_layers = convert, skipped
         mode = "emulated" if self.emulate else "real FP8 kernels"
         rank_zero_info(f"Float8Precision: {len(convert)} Linear layer(s) converted to FP8 ({self.recipe}, {mode}); "

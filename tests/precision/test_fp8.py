@@ -22,6 +22,7 @@ from tests.conftest import compose_train, fit_classifier
 
 HAS_FP8 = fp8_module.fp8_hardware_missing() is None
 MLP_FP8 = ["net.features.1", "net.features.4"]
+FAST = {"limit_train_batches": 12, "limit_val_batches": 2}
 VIT_FP8 = [f"net.blocks.{b}.{name}" for b in range(2) for name in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")]
 
 
@@ -53,6 +54,9 @@ def test_converts_eligible_linears_and_warns_once_for_odd_shapes(net: str, expec
     assert len(messages) == (1 if odd else 0)
     assert all(name in messages[0] for name in odd)
     assert {p.dtype for p in model.parameters()} == {plugin.compute_dtype}
+    layers = dict(model.named_modules())
+    again = plugin.convert_module(model)  # a later trainer.test() on the same Trainer converts again
+    assert all(layers[name] is m for name, m in again.named_modules()) and plugin.converted_layers == expected
 
 
 @pytest.mark.parametrize(("skip", "expected"), [(["net.features.1"], ["net.features.4"]),
@@ -159,10 +163,10 @@ def test_reference_module_is_a_plain_copy(recipe: str) -> None:
 
 def test_digits_training_checkpoint_reloads_into_plain_model(tmp_path: Path) -> None:
     plugin = Float8Precision(emulate=True)
-    model, trainer, ckpt = fit_classifier(tmp_path, net="mlp", epochs=3, plugins=[plugin])
+    model, trainer, ckpt = fit_classifier(tmp_path, net="mlp", epochs=2, plugins=[plugin], **FAST)
     dm = DigitsDataModule(batch_size=64)
     fp8_acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
-    assert fp8_acc > 0.7  # 3 short epochs; the accuracy target is the slow test below
+    assert fp8_acc > 0.3  # 24 steps learn something (chance: 0.1); the accuracy target is the slow test
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # no torchao objects needed
     assert all(type(v) is torch.Tensor for v in raw["state_dict"].values())
     assert raw["Float8Precision"]["recipe"] == "tensorwise"
@@ -176,7 +180,8 @@ def test_digits_training_checkpoint_reloads_into_plain_model(tmp_path: Path) -> 
 
 
 def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
-    _, first, ckpt = fit_classifier(tmp_path / "a", net="mlp", epochs=1, plugins=[Float8Precision(emulate=True)])
+    _, first, ckpt = fit_classifier(tmp_path / "a", net="mlp", epochs=1, plugins=[Float8Precision(emulate=True)],
+                                    **FAST)
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     seen: dict[str, object] = {}
 
@@ -191,7 +196,7 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     model = Classifier(net="mlp", input_shape=[1, 8, 8], num_classes=10)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path / "b"), plugins=[plugin],
-                        callbacks=[Check()])
+                        callbacks=[Check()], **FAST)
     with pytest.warns(UserWarning, match="recipe='tensorwise'"):
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     assert seen == {"fp8": MLP_FP8, "equal": True, "step": first.global_step}
@@ -219,7 +224,7 @@ def test_tolerance_audit_certifies_fp8_against_its_fp32_self(tmp_path: Path) -> 
 
     audit = ToleranceAudit(reference="float32", plot=False)
     fit_classifier(tmp_path, net="mlp", epochs=2, plugins=[Float8Precision(emulate=True, compute_dtype="bfloat16")],
-                   callbacks=[audit], limit_train_batches=8)
+                   callbacks=[audit], **FAST)
     report = audit.last_report
     assert report is not None and report["violations"] == 0 and report["nonfinite"] == 0
     assert report["low_precision"].startswith("Float8Precision")
