@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import Precision
@@ -31,6 +32,12 @@ def config_dir() -> str:
     """Absolute path of the Hydra config directory (works from any working directory)."""
     installed = Path(__file__).resolve().parent / "conf"  # wheel installs map conf/ to lp_lightning/conf
     return str(CONF_DIR if CONF_DIR.is_dir() else installed)
+
+
+def compose_config(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
+    """Compose a config of ``conf/`` with ``overrides`` outside a Hydra app (tools, benchmarks, tests)."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
 
 
 def validate(cfg: DictConfig) -> None:

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from lp_lightning.config import config_dir
+from lp_lightning.config import compose_config
 from lp_lightning.data import DigitsDataModule
 from lp_lightning.models import Classifier
 
@@ -20,8 +19,7 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 def compose_train(overrides: list[str] | None = None) -> DictConfig:
     """Compose ``conf/train.yaml`` with ``overrides`` (no Hydra run dir, no side effects)."""
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides or [])
+    return compose_config("train", overrides)
 
 
 def fit_classifier(root: Path, net: str = "mlp", epochs: int = 3, plugins: list | None = None,
