@@ -1,0 +1,64 @@
+"""INT8: static QDQ, per-channel int8 weights, uint8 activations, real integer kernels, learned scales."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lp_lightning.export import ExportError, export_int8
+from lp_lightning.export.evaluate import optimized_op_types
+from lp_lightning.export.int8 import BatchReader, _channel_factor
+from lp_lightning.export.onnx_fp32 import run_onnx
+from tests.export.conftest import images
+
+
+def _inits(path) -> dict[str, np.ndarray]:
+    return {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize(("net", "kernel"), [("mlp", "QGemm"), ("cnn", "QLinearConv")])
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_int8_x86_types_per_channel_integer_kernels(onnx_models, tmp_path, net, kernel, reduce_range):
+    model, proto = onnx_models[net]
+    path = tmp_path / "q.onnx"
+    info = export_int8(proto, path, [images(32, s) for s in range(2)], reduce_range=reduce_range)
+    assert info["calibration"] == "minmax" and info["reduce_range"] is reduce_range
+    inits = _inits(path)
+    weights = {k: v for k, v in inits.items() if k.endswith("weight_quantized")}
+    assert weights and all(v.dtype == np.int8 for v in weights.values())
+    limit = 63 if reduce_range else 127  # reduce_range: 7-bit weights
+    assert max(int(np.abs(v).max()) for v in weights.values()) <= limit + 1
+    scales = {k: v for k, v in inits.items() if k.endswith("weight_scale")}
+    assert all(v.ndim == 1 and v.size > 1 for v in scales.values())  # per-channel
+    act_zp = [v for k, v in inits.items() if k.endswith("zero_point") and "weight" not in k and "bias" not in k]
+    assert act_zp and all(v.dtype == np.uint8 for v in act_zp)  # uint8 activations
+    assert kernel in optimized_op_types(path)
+    x = images(64, seed=9)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(run_onnx(path, x) - ref).max() < 0.25 * np.abs(ref).max()
+
+
+def test_channel_factor_recovers_folded_batchnorm():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    c = np.array([0.5, -2.0, 1.0, 3.0], dtype=np.float32)
+    np.testing.assert_allclose(_channel_factor(c[:, None, None, None] * w, w), c, rtol=1e-5)
+    assert _channel_factor(w + 1.0, w) is None
+
+
+def test_batch_reader_needs_data_and_rewinds():
+    with pytest.raises(ValueError, match="at least one batch"):
+        BatchReader([])
+    reader = BatchReader([images(2), images(3)])
+    assert [len(reader.get_next()["input"]) for _ in range(2)] == [2, 3] and reader.get_next() is None
+    reader.rewind()
+    assert reader.get_next() is not None
+
+
+def test_int8_fails_when_nothing_quantized(onnx_models, tmp_path):
+    with pytest.raises(ExportError, match="quantized nothing"):
+        export_int8(onnx_models["mlp"][1], tmp_path / "q.onnx", [images(8)], op_types_to_quantize=["Softmax"])
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,51 @@
+"""INT8 from a FakeQuantPrecision checkpoint: the learned scales go into the ONNX graph unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from lp_lightning.export import ExportConfig, run_export
+from lp_lightning.models import load_classifier
+from lp_lightning.precision import FakeQuantPrecision
+from lp_lightning.quant import convert
+from tests.conftest import fit_classifier
+
+
+@pytest.fixture(scope="module")
+def fake_quant_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    plugin = FakeQuantPrecision(weight="int8", activation="int8", granularity="per_channel",
+                                freeze_observers_after=10)
+    _, _, ckpt = fit_classifier(tmp_path_factory.mktemp("fq"), net="mlp", epochs=2, plugins=[plugin])
+    return ckpt
+
+
+def test_int8_uses_learned_scales(fake_quant_checkpoint, tmp_path):
+    cfg = ExportConfig(formats=["int8"], iters=2, warmup=1, calib_batches=1)
+    report = run_export(fake_quant_checkpoint, tmp_path, cfg, log=lambda s: None)
+    entry = report["formats"]["int8"]
+    assert entry["quantization"]["calibration"] == "learned"
+    assert entry["quantization"]["learned_layers"] == 3
+    # the ONNX int8 model reproduces the fake-quant model it was trained as
+    assert entry["agreement_fake_quant"] >= 0.98
+    assert entry["max_abs_logit_diff_fake_quant"] < entry["max_abs_logit_diff"]
+    assert entry["agreement"] >= 0.95 and entry["violations"] == 0 and "QGemm" in entry["op_types"]
+
+    _, qparams = convert(load_classifier(fake_quant_checkpoint)[0])
+    graph = onnx.load(str(tmp_path / "model_int8.onnx")).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    consumers = {n.input[0]: n for n in graph.node if n.op_type == "QuantizeLinear"}
+    for fqn, q in qparams.items():
+        w_scale = inits[f"{fqn}.weight_scale"]
+        np.testing.assert_allclose(w_scale, q["weight_scale"].numpy(), rtol=1e-6)
+        weight = inits[f"{fqn}.weight_quantized"]
+        assert weight.dtype == np.int8
+        assert any(n.op_type == "DequantizeLinear" and n.input[0] == f"{fqn}.weight_quantized" for n in graph.node)
+    act_scales = sorted(float(inits[n.input[1]]) for n in consumers.values())
+    act_zps = sorted(int(inits[n.input[2]]) for n in consumers.values())
+    for q in qparams.values():  # every learned input scale/zero point is in the graph (uint8 = int8 + 128)
+        assert any(abs(s - q["act_scale"]) <= 1e-7 * q["act_scale"] for s in act_scales)
+        assert q["act_zero_point"] + 128 in act_zps
