@@ -34,6 +34,8 @@ class _TorchaoNoise(logging.Filter):
         msg = str(record.msg)
         if record.name == "torchao":  # "Failed to load .../torchao/_C_mxfp8...so: Could not load this library"
             return not (msg.startswith("Failed to load") and "torchao/_C" in record.getMessage())
+        if record.name == "torchao.kernel.intmm":  # triton is a GPU compiler; shown under Hydra's logging
+            return not msg.startswith("Warning: Detected no triton")
         if record.name == "torch.utils._pytree":  # torchao registers its Enums as pytree constants
             args = record.args if isinstance(record.args, tuple) else ()
             owner = getattr(args[0], "__module__", "") if args else ""
@@ -49,7 +51,7 @@ def _quiet_torchao_import() -> Iterator[None]:
         yield
         return
     noise = _TorchaoNoise()
-    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
+    loggers = [logging.getLogger(name) for name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")]
     for log in loggers:
         log.addFilter(noise)
     try:
