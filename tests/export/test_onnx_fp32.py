@@ -7,9 +7,8 @@ import onnx
 import pytest
 import torch
 
-from lp_lightning.export import ExportError, export_fp32
+from lp_lightning.export import ExportError, export_fp32, onnx_fp32
 from lp_lightning.export.graph import file_size, layer_nodes
-from lp_lightning.export import onnx_fp32
 from lp_lightning.export.onnx_fp32 import run_onnx
 from tests.export.conftest import cached_to_onnx, images, tiny_classifier
 
