@@ -94,6 +94,48 @@ def _check_output(out: Any, what: str) -> Tensor:
     return out
 
 
+class _Capture:
+    """Forward hook recording the validation loop's own low-precision logits, one forward per batch."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.inputs: list[Tensor] = []  # the converted inputs the loop passed to the module
+        self.outputs: list[Any] = []
+        self.valid = True
+        self._calls: list[tuple[Any, Any]] = []
+        self._x: Any = None
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.valid:
+            self._calls.append((args[0] if args else None, output))
+
+    def start(self, batch: Any, dataloader_idx: int) -> None:
+        self._calls = []
+        x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+        self._x = x if dataloader_idx == 0 and isinstance(x, Tensor) else None
+
+    def end(self) -> None:
+        if self._x is None or len(self._calls) != 1 or self._calls[0][0] is not self._x:
+            self.valid = False  # a step that is not one plain forward of the batch: recompute instead
+        if self.valid:
+            self.inputs.append(self._x)
+            self.outputs.append(self._calls[0][1])
+        self._calls, self._x = [], None
+
+    def outputs_for(self, xs: list[Tensor], plugin: Any) -> list[Any] | None:
+        """The recorded outputs if they came from exactly ``convert_input`` of ``xs``; else None."""
+        if not self.valid or len(self.inputs) < len(xs):
+            return None
+        for x, seen in zip(xs, self.inputs, strict=False):
+            converted = plugin.convert_input(x)
+            if converted.shape[0] > seen.shape[0] or not torch.equal(converted, seen[: len(converted)]):
+                return None
+        return [out[: len(x)] if isinstance(out, Tensor) else out for x, out in zip(xs, self.outputs, strict=False)]
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
 class ToleranceAudit(Callback):
     """Compare the trained model with a higher-precision reference of the same weights on validation data.
 
@@ -122,6 +164,8 @@ class ToleranceAudit(Callback):
         self.max_samples = max_samples
         self.plot = bool(plot)
         self.last_report: dict[str, Any] | None = None
+        self._capture: _Capture | None = None
+        self.last_source = ""  # "captured" (validation loop's own logits) or "recomputed"
 
     # -- hooks ------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -130,12 +174,39 @@ class ToleranceAudit(Callback):
             raise ValueError(f"reference={self.reference!r} is not higher than the model's precision {low}; "
                              "use reference='float64'")
 
+    def _audits(self, trainer: L.Trainer) -> bool:
+        return (not trainer.sanity_checking and trainer.state.fn == "fit"
+                and (trainer.current_epoch + 1) % self.every_n_epochs == 0)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_capture()
+        if self._audits(trainer):
+            self._capture = _Capture(pl_module)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._capture is not None:
+            self._capture.start(batch, dataloader_idx)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._capture is not None:
+            self._capture.end()
+
+    def _close_capture(self) -> _Capture | None:
+        capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.close()
+        return capture
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close_capture()
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        capture = self._close_capture()
+        if not self._audits(trainer):
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
-            return
-        comparison = self.audit(trainer, pl_module)
+        comparison = self.audit(trainer, pl_module, capture)
         report = {**summary(comparison), "low_precision": self._low_name(trainer, pl_module),
                   "reference_precision": self.reference, "split": "val",
                   "epoch": trainer.current_epoch, "global_step": trainer.global_step}
@@ -156,37 +227,44 @@ class ToleranceAudit(Callback):
 
     # -- the audit itself -------------------------------------------------------------------------------
     @torch.no_grad()
-    def audit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Comparison:
-        """Low-precision and reference logits on this rank's validation data, gathered over all ranks."""
+    def audit(self, trainer: L.Trainer, pl_module: L.LightningModule,
+              capture: _Capture | None = None) -> Comparison:
+        """Low-precision and reference logits on this rank's validation data, gathered over all ranks.
+
+        The low-precision logits are ``with plugin.forward_context(): module(plugin.convert_input(x))``
+        in eval mode. When ``capture`` recorded exactly that during the validation loop (one forward per
+        batch whose input is ``convert_input`` of the data), those are reused instead of recomputed.
+        """
         loader = self._loader(trainer)
         n_batches = trainer.num_val_batches[0] if trainer.num_val_batches else float("inf")  # limit_val_batches
         plugin = trainer.precision_plugin
         world = trainer.world_size
         cap = None if self.max_samples is None else -(-self.max_samples // world)
-        lows, refs = [], []
         with rng_preserved(), eval_mode(pl_module):
-            reference = reference_copy(pl_module, plugin, self.reference_dtype)
-            n = 0
+            xs, n = [], 0
             for i, batch in enumerate(loader):
-                if i >= n_batches:
+                if i >= n_batches or (cap is not None and n >= cap):
                     break
                 x = _inputs(batch).to(pl_module.device)
-                if cap is not None:
-                    x = x[: cap - n]
-                with plugin.forward_context():
-                    low = _check_output(pl_module(plugin.convert_input(x)), "audited")
-                ref = _check_output(reference(x.to(self.reference_dtype)), "reference")
-                lows.append(low.detach().to(torch.float64))
-                refs.append(ref.detach().to(torch.float64))
-                n += len(x)
-                if cap is not None and n >= cap:
-                    break
+                xs.append(x if cap is None else x[: cap - n])
+                n += len(xs[-1])
+            if not xs:
+                raise ValueError("ToleranceAudit found no validation samples to audit")
+            lows = capture.outputs_for(xs, plugin) if capture is not None else None
+            self.last_source = "captured" if lows is not None else "recomputed"
+            if lows is None:
+                lows = []
+                for x in xs:
+                    with plugin.forward_context():
+                        lows.append(pl_module(plugin.convert_input(x)))
+            low = torch.cat([_check_output(o, "audited").detach().to(torch.float64) for o in lows])
+            reference = reference_copy(pl_module, plugin, self.reference_dtype)
+            x_all = torch.cat(xs).to(self.reference_dtype)
+            chunk = max(1024, len(xs[0]))
+            ref = torch.cat([_check_output(reference(x_all[j: j + chunk]), "reference").to(torch.float64)
+                             for j in range(0, len(x_all), chunk)])
             del reference
-        if not lows:
-            raise ValueError("ToleranceAudit found no validation samples to audit")
-        low_all = self._gather(pl_module, torch.cat(lows), loader, world)
-        ref_all = self._gather(pl_module, torch.cat(refs), loader, world)
-        return compare(low_all, ref_all)
+        return compare(self._gather(pl_module, low, loader, world), self._gather(pl_module, ref, loader, world))
 
     def _gather(self, pl_module: L.LightningModule, t: Tensor, loader: DataLoader, world: int) -> Tensor:
         """All-gather (every rank) and undo DistributedSampler's interleaving and padding."""

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import random
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 
-from lp_lightning.audit.tolerance import REPORT_KEYS
+from lp_lightning.audit.tolerance import REPORT_KEYS, summary
 from lp_lightning.callbacks import ToleranceAudit
 from lp_lightning.callbacks import tolerance_audit as ta
 from lp_lightning.data import DigitsDataModule
@@ -49,7 +50,7 @@ def _reports(folder: Path) -> dict[str, dict]:
                          ids=["fp32", "fp16", "bf16"])
 def test_reports_logs_and_files_per_epoch(tmp_path: Path, plugins: list, low: str) -> None:
     audit = ToleranceAudit(reference="float64")
-    _, trainer = _fit(tmp_path, [audit], plugins=plugins)
+    model, trainer = _fit(tmp_path, [audit], plugins=plugins)
     reports = _reports(tmp_path / "audit")
     assert list(reports) == ["epoch_000", "epoch_001"]
     assert sorted(p.name for p in (tmp_path / "audit").glob("*.png")) == ["epoch_000.png", "epoch_001.png"]
@@ -64,12 +65,24 @@ def test_reports_logs_and_files_per_epoch(tmp_path: Path, plugins: list, low: st
         assert r["err_max"] > 0  # a 16-bit model differs from its float64 reference
     for key in ta.LOGGED:
         assert float(trainer.callback_metrics[f"audit/{key}"]) == pytest.approx(r[key], rel=1e-6)
-    assert audit.last_report == r
+    assert audit.last_report == r and audit.last_source == "captured"
+    # the logits recorded during validation equal the explicit recompute (forward_context + convert_input)
+    assert summary(audit.audit(trainer, model)) == {k: r[k] for k in REPORT_KEYS}
+    assert audit.last_source == "recomputed"
 
 
-def test_every_n_epochs_max_samples_and_logger_dir(tmp_path: Path) -> None:
+class _TwoForwards(Classifier):
+    def validation_step(self, batch, batch_idx):
+        self(batch[0])  # an extra forward per step: the audit must not trust the recorded logits
+        return super().validation_step(batch, batch_idx)
+
+
+def test_every_n_epochs_max_samples_and_logger_dir(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "Classifier", _TwoForwards)
     logger = CSVLogger(str(tmp_path), name="logs")
-    _fit(tmp_path, [ToleranceAudit(every_n_epochs=2, max_samples=70, plot=False)], epochs=3, logger=logger)
+    audit = ToleranceAudit(every_n_epochs=2, max_samples=70, plot=False)
+    _fit(tmp_path, [audit], epochs=3, logger=logger)
+    assert audit.last_source == "recomputed"
     folder = Path(logger.log_dir) / "audit"
     assert list(_reports(folder)) == ["epoch_001"] and not list(folder.glob("*.png"))
     assert _reports(folder)["epoch_001"]["n_samples"] == 70
