@@ -17,12 +17,16 @@ import torch
 from lp_lightning.audit.tolerance import summarize
 from lp_lightning.export.graph import file_size, op_types
 
+SessionConfig = Mapping[str, str]
 
-def session(path: str | os.PathLike[str], threads: int = 1,
-            optimized_path: str | os.PathLike[str] | None = None) -> ort.InferenceSession:
+
+def session(path: str | os.PathLike[str], threads: int = 1, optimized_path: str | os.PathLike[str] | None = None,
+            config: SessionConfig | None = None) -> ort.InferenceSession:
     """A CPU session with a fixed thread count (sequential, one inter-op thread); optionally saves the
-    graph after onnxruntime's optimizations to ``optimized_path``."""
+    graph after onnxruntime's optimizations to ``optimized_path``; ``config``: session config entries."""
     opts = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -32,11 +36,12 @@ def session(path: str | os.PathLike[str], threads: int = 1,
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def optimized_op_types(path: str | os.PathLike[str], threads: int = 1) -> list[str]:
+def optimized_op_types(path: str | os.PathLike[str], threads: int = 1, config: SessionConfig | None = None
+                       ) -> list[str]:
     """Op types of the graph onnxruntime actually runs (after its optimizations), e.g. QGemm, MatMulNBits."""
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
-        session(path, threads, optimized_path=opt)
+        session(path, threads, optimized_path=opt, config=config)
         return op_types(onnx.load(str(opt)))
 
 
@@ -47,12 +52,14 @@ def predict(sess: ort.InferenceSession, x: np.ndarray, chunk: int = 256) -> np.n
 
 
 def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray, ref_logits: np.ndarray,
-                    threads: int = 1, other_refs: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+                    threads: int = 1, other_refs: Mapping[str, np.ndarray] | None = None,
+                    config: SessionConfig | None = None) -> dict[str, Any]:
     """Quality of one ONNX model on the test split against the PyTorch fp32 model's logits ``ref_logits``.
 
     ``other_refs`` (e.g. ``{"fake_quant": logits}``) add ``agreement_<name>`` and ``max_abs_logit_diff_<name>``.
     """
-    logits = predict(session(path, threads), np.ascontiguousarray(x, dtype=np.float32)).astype(np.float32)
+    logits = predict(session(path, threads, config=config), np.ascontiguousarray(x, dtype=np.float32))
+    logits = logits.astype(np.float32)
     audit = summarize(torch.from_numpy(logits), torch.from_numpy(ref_logits.astype(np.float32)))
     extra: dict[str, float] = {}
     for name, other in (other_refs or {}).items():
@@ -68,18 +75,20 @@ def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray, 
         "violations": int(audit["violations"]),
         "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
         "n_samples": len(y),
-        "op_types": optimized_op_types(path, threads),
+        "op_types": optimized_op_types(path, threads, config),
     }
 
 
 def measure_latency(paths: Mapping[str, str | os.PathLike[str]], inputs: Mapping[int, np.ndarray],
-                    threads: int = 1, warmup: int = 5, iters: int = 30) -> dict[str, dict[int, dict[str, float]]]:
+                    threads: int = 1, warmup: int = 5, iters: int = 30,
+                    configs: Mapping[str, SessionConfig] | None = None) -> dict[str, dict[int, dict[str, float]]]:
     """Latency percentiles (ms) per model and batch size, models timed interleaved in one run.
 
     Every model is warmed up first; then each round runs each (model, batch) once in turn, so load
     spikes from other processes hit all models alike. Returns ``{name: {batch: {"p50", "p90"}}}``.
     """
-    sessions = {name: session(p, threads) for name, p in paths.items()}
+    configs = configs or {}
+    sessions = {name: session(p, threads, config=configs.get(name)) for name, p in paths.items()}
     feeds = {name: {b: {s.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
                     for b, x in inputs.items()} for name, s in sessions.items()}
     for name, s in sessions.items():
