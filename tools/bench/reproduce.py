@@ -1,0 +1,238 @@
+"""Regenerate docs/REPRODUCTION.md: the papers' claims measured with lp_lightning, with plots.
+
+    python -m lp_lightning.tools.bench.reproduce            # everything (well under 90 min on 2 cores)
+    python -m lp_lightning.tools.bench.reproduce --quick    # 1 seed, fewer epochs (under 10 min)
+
+Runs the benchmarks of tools/bench (table2, table3, lemma1, export, half_speed) through their ``main``
+functions, keeps their raw results in ``<out-dir>/reproduction.json`` and writes the page and its PNGs.
+On a CUDA machine the speed section is measured on the GPU (fp32 vs pure fp16 vs mixed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lp_lightning.io import atomic_write, write_json
+from lp_lightning.tools.bench import export as export_bench
+from lp_lightning.tools.bench import half_speed, lemma1, table2, table3
+
+ALL_PRECISIONS = ["fp32", "fp16", "bf16", "fp16_mixed", "bf16_mixed", "fp8", "int8", "int4w"]
+FP8_MODELS = ("mlp", "vit")  # the cnn has no Linear layer FP8 can take (only its skipped head)
+PAPER_TABLE2 = ("Paper (CIFAR-10, 50 seeds, RTX 4080): mean accuracy difference FP16-FP32 = -0.2 pt, "
+                "FP16-MP = -0.2 pt; speedup FP32/FP16 = 1.6x, MP/FP16 = 1.3x.")
+PAPER_TABLE3 = ("Paper (CIFAR-10, FP16 + Adam): ResNet-18 74.4 / 78.2 / 74.7 / 22.5 / 12.8 / 11.7 and ResNet-34 "
+                "78.5 / 79.7 / 77.7 / 18.2 / 17.0 / 10.0 for eps = 1e-2 .. 1e-7.")
+
+
+def plan(args: argparse.Namespace) -> dict[str, list[str]]:
+    """argv of each benchmark for the chosen budget."""
+    quick = args.quick
+    seeds = [str(s) for s in (args.seeds or ([0] if quick else [0, 1, 2, 3, 4]))]
+    epochs = args.epochs or (3 if quick else None)
+    ep = ["--epochs", str(epochs)] if epochs else []
+    models = args.models or ["mlp", "cnn", "vit"]
+    speed_models = [m for m in ("mlp", "cnn") if m in models] or ["mlp"]
+    return {
+        "table2": ["--seeds", *seeds, *ep, "--jobs", str(args.jobs)],
+        "table3": ["--seeds", *(seeds[:1] if quick else seeds[:3]), "--epochs", str(epochs or 5),
+                   *(["--eps", "1e-2", "1e-4", "1e-8"] if quick else [])],
+        "lemma1": ["--models", *[m for m in ("cnn", "mlp") if m in models], "--epochs", str(epochs or 15)],
+        "export": ["--models", ",".join(models if quick else [*models, "mlp512", "vit128"]),
+                   "--iters", "30" if quick else "200"],
+        "speed": ["--models", *speed_models,
+                  *(["--rounds", "2", "--steps", "3"] if quick else [])],
+    }
+
+
+def run_table2(argv: list[str], work: Path, models: list[str], precisions: list[str]) -> dict[str, Any]:
+    """Table 2 over every precision; FP8 only on the nets that have Linear layers it can take."""
+    common = [*argv, "--root", str(work / "table2")]
+    main_prec = [p for p in precisions if p != "fp8"]
+    table = table2.main([*common, "--models", *models, "--precisions", *main_prec]) if main_prec else {}
+    fp8_models = [m for m in models if m in FP8_MODELS]
+    if "fp8" in precisions and fp8_models:
+        # finished fp32 runs are read back, not retrained
+        fp8 = table2.main([*common, "--models", *fp8_models, "--precisions", "fp32", "fp8"])
+        for model, row in fp8.items():
+            table.setdefault(model, {}).update(row)
+    return {"table": table, "markdown": table2.markdown(table, precisions)}
+
+
+def export_markdown(rows: list[dict[str, Any]]) -> str:
+    """Size, latency and agreement of the INT8/INT4 models relative to fp32, one line per model."""
+    lines = ["| model | fp32 size kB | fp32 acc | int8 acc | int4 acc | int8 agree | int4 agree | int8 size | "
+             "int4 size | int8 lat b1 | int8 lat b64 | int4 lat b1 | int4 lat b64 | targets missed |",
+             "|" + "---|" * 14]
+    for r in rows:
+        missed = ", ".join(t for t, ok in r["targets"].items() if not ok) or "none"
+        lines.append(
+            f"| {r['model']} | {r['fp32_kB']:.0f} | {r['fp32_acc']:.3f} | {r['int8_acc']:.3f} | {r['int4_acc']:.3f} "
+            f"| {r['int8_agree']:.3f} | {r['int4_agree']:.3f} | {r['int8_size_x']:.2f}x | {r['int4_size_x']:.2f}x "
+            f"| {r['int8_lat_b1_x']:.2f}x | {r['int8_lat_b64_x']:.2f}x | {r['int4_lat_b1_x']:.2f}x "
+            f"| {r['int4_lat_b64_x']:.2f}x | {missed} |")
+    return "\n".join(lines)
+
+
+def captured(fn: Callable[[], Any]) -> tuple[Any, str, float]:
+    """Run ``fn`` with stdout captured (still echoed at the end); return result, text and seconds."""
+    buf = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        result = fn()
+    text = buf.getvalue()
+    print(text, end="", flush=True)
+    return result, text, time.perf_counter() - start
+
+
+def machine() -> dict[str, Any]:
+    """The CPU/GPU and library versions the page was produced with."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+    model = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")),
+                 platform.processor())
+    words = set(flags.split())
+    return {
+        "cpu": model, "cores": torch.get_num_threads(),
+        "isa": {f: f in words for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")},
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "platform": platform.platform(),
+        **{pkg: version(pkg) for pkg in ("torch", "lightning", "torchao", "onnx", "onnxruntime", "onnxscript")},
+    }
+
+
+def render(results: dict[str, Any], info: dict[str, Any], command: str, seconds: dict[str, float],
+           img: str) -> str:
+    """The markdown page."""
+    isa = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["isa"].items())
+    speed_where = f"GPU ({info['gpu']})" if info["gpu"] else "CPU"
+    lemma_rows = [r for r in results["lemma1"]["rows"] if "plot" in r]
+    plots = "\n".join(f"![{r['model']} {r['precision']}]({img}/{Path(r['plot']).name})" for r in lemma_rows[:4])
+    return f"""# lp_lightning: reproduction report
+
+Every number on this page was produced by one command on the machine below:
+
+```bash
+{command}
+```
+
+Generated {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}; sections took
+{", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())} (total {sum(seconds.values()) / 60:.1f} min).
+Data: scikit-learn's bundled handwritten digits (1797 8x8 images; split 1257 train / 270 val / 270 test),
+not the paper's CIFAR-10, so the models are small and absolute accuracies are not comparable with the
+paper's; the comparisons between precisions are.
+
+Machine: {info['cpu']}, {info['cores']} threads, {isa}; GPU: {info['gpu'] or 'none'}.
+Versions: Python {info['python']}, torch {info['torch']}, lightning {info['lightning']}, torchao {info['torchao']},
+onnx {info['onnx']}, onnxruntime {info['onnxruntime']}, onnxscript {info['onnxscript']}.
+
+## 1. Table 2 in miniature: accuracy and time by precision
+
+`lp-train precision=<p> model=<m> optimizer=sgd seed=<s>` for every cell (SGD momentum 0.9 as in the
+paper; fp16/bf16 are PureHalfPrecision with `compute=auto`, i.e. 16-bit storage with fp32-accumulated
+matrix products on this CPU; fp16_mixed runs as bf16 autocast on a CPU; fp8 is torchao emulation, only on
+the nets with Linear layers it can take). {PAPER_TABLE2}
+
+{results['table2']['markdown']}
+
+## 2. Table 3 in miniature: pure fp16 + Adam, accuracy by eps
+
+cnn on digits, PureHalfPrecision("float16"), Adam; with and without `EpsilonGuard(action="fix")`.
+{PAPER_TABLE3}
+
+{results['table3']['markdown']}
+
+## 3. Lemma 1: tolerance versus floating-point error
+
+Each precision trained with `callbacks=audit`; the last epoch's ToleranceAudit compares the trained model
+with its own weights evaluated in fp32 on the validation split. Paper (MNIST): mean err ~1e-3, mean tol
+~1e-1. `certified` (tol > 2 err) is a lower bound on `agreement`; `violations` must be 0.
+
+{lemma1.to_markdown(results['lemma1']['rows'])}
+
+{plots}
+
+## 4. Export: fp32 / INT8 / INT4 ONNX models in onnxruntime
+
+`lp-export` per model (static QDQ INT8 with x86 settings, INT4 MatMulNBits + INT4 Conv weights); sizes and
+latencies (batch 1 and 64, {results['export'].get('threads', 1)} thread) relative to the fp32 ONNX model,
+agreement = top-1 agreement with the PyTorch fp32 model on the test split.
+
+{export_markdown(results['export']['rows'])}
+
+## 5. Pure 16-bit memory and step time ({speed_where})
+
+Memory = bytes of parameters + gradients + optimizer state; step time = median training step, variants
+interleaved in one run.
+
+```
+{results['speed']['text'].strip()}
+```
+"""
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, fewer eps and models")
+    parser.add_argument("--out-dir", type=Path, default=Path("docs"), help="where the page and its PNGs go")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--models", nargs="+", default=None, choices=["mlp", "cnn", "vit"])
+    parser.add_argument("--precisions", nargs="+", default=ALL_PRECISIONS, choices=ALL_PRECISIONS)
+    parser.add_argument("--jobs", type=int, default=2, help="parallel training runs in table 2")
+    args = parser.parse_args(argv)
+    command = "python -m lp_lightning.tools.bench.reproduce " + shlex.join(sys.argv[1:] if argv is None else argv)
+    argvs = plan(args)
+    models = args.models or ["mlp", "cnn", "vit"]
+    img = args.out_dir / "img"
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or Path(tmp)
+        steps: dict[str, Callable[[], Any]] = {
+            "table2": lambda: run_table2(argvs["table2"], work, models, args.precisions),
+            "table3": lambda: table3.main(argvs["table3"]),
+            "lemma1": lambda: lemma1.main([*argvs["lemma1"], "--plots", str(img),
+                                           "--precisions", *[p for p in args.precisions if p != "fp32"]]),
+            "export": lambda: export_bench_json(argvs["export"], work),
+            "speed": lambda: half_speed.main(argvs["speed"]),
+        }
+        for name, step in steps.items():
+            print(f"== reproduce: {name} ({' '.join(argvs[name])})", flush=True)
+            result, text, seconds[name] = captured(step)
+            results[name] = {**result, "text": text} if isinstance(result, dict) else {"result": result, "text": text}
+    info = machine()
+    write_json(args.out_dir / "reproduction.json", {"machine": info, "command": command, "seconds": seconds,
+                                                     "results": results})
+    page = args.out_dir / "REPRODUCTION.md"
+    text = render(results, info, command, seconds, "img")
+    atomic_write(page, lambda tmp_path: tmp_path.write_text(text))
+    print(f"wrote {page}")
+    return page
+
+
+def export_bench_json(argv: list[str], work: Path) -> dict[str, Any]:
+    """Run the export benchmark and return its JSON (rows, cpu, reports)."""
+    out = work / "export.json"
+    export_bench.main([*argv, "--work-dir", str(work / "export"), "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
