@@ -78,36 +78,43 @@ def _weight_override(node: LayerNode, onnx_w: np.ndarray, module: nn.Module, q: 
             for s in scale]
 
 
+Overrides = dict[str, list[dict[str, Any]]]
+
+
 def learned_overrides(fp32: onnx.ModelProto, pre: onnx.ModelProto, model: nn.Module,
-                      qparams: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]], int]:
+                      qparams: Mapping[str, Mapping[str, Any]]) -> tuple[Overrides, dict[str, int]]:
     """TensorQuantOverrides from learned qparams: input activations (uint8) and per-channel weights.
 
-    Layers are found through the exporter's name scopes in ``fp32``; tensor names are checked in the
-    pre-processed ``pre`` graph. Returns the overrides and the number of layers that got any.
+    Layers are found by weight name / the exporter's name scopes in ``fp32``; tensor names are checked in
+    the pre-processed ``pre`` graph. Returns the overrides and counts: ``layers`` (every learned scale of
+    the layer used), ``activations`` and ``weights`` (tensors overridden).
     """
     nodes = layer_nodes(fp32)
     inits = {i.name: i for i in pre.graph.initializer}
     tensors = {name for n in pre.graph.node for name in n.input} | inits.keys()
     modules = dict(model.named_modules())
     overrides: dict[str, list[dict[str, Any]]] = {}
-    used = 0
+    counts = {"layers": 0, "activations": 0, "weights": 0}
     for fqn, q in qparams.items():
         node, module = nodes.get(fqn), modules.get(fqn)
         if node is None or module is None:
             continue
-        before = len(overrides)
-        if q.get("act_bits") == 8 and q.get("act_scale") and node.activation in tensors \
-                and node.activation not in inits:
+        act_done = q.get("act_bits") != 8 or not q.get("act_scale")  # nothing learned -> nothing to use
+        if not act_done and node.activation in tensors and node.activation not in inits:
             zp = int(q.get("act_zero_point") or 0) + 128  # signed [-128, 127] -> uint8 [0, 255]
             overrides[node.activation] = [{"quant_type": QuantType.QUInt8,
                                            "scale": np.array(q["act_scale"], dtype=np.float32),
                                            "zero_point": np.array(min(max(zp, 0), 255), dtype=np.uint8)}]
+            counts["activations"] += 1
+            act_done = True
+        w = None
         if node.weight in inits:
             w = _weight_override(node, onnx.numpy_helper.to_array(inits[node.weight]), module, q)
             if w is not None:
                 overrides[node.weight] = w
-        used += len(overrides) > before
-    return overrides, used
+                counts["weights"] += 1
+        counts["layers"] += act_done and w is not None
+    return overrides, counts
 
 
 def export_int8(fp32: onnx.ModelProto, path: str | os.PathLike[str], calibration: Iterable[np.ndarray],
@@ -129,9 +136,10 @@ def export_int8(fp32: onnx.ModelProto, path: str | os.PathLike[str], calibration
         onnx.save_model(fp32, str(src), save_as_external_data=False)
         quant_pre_process(str(src), str(pre_path), skip_symbolic_shape=False)
         pre = onnx.load(str(pre_path))
-        overrides, learned = ({}, 0)
+        overrides: Overrides = {}
+        counts = {"layers": 0, "activations": 0, "weights": 0}
         if qparams and model is not None:
-            overrides, learned = learned_overrides(fp32, pre, model, qparams)
+            overrides, counts = learned_overrides(fp32, pre, model, qparams)
         extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
         inits = {i.name for i in pre.graph.initializer}
         # activation x activation MatMuls (attention scores) stay fp32: they cost accuracy and speed in int8
@@ -151,10 +159,14 @@ def export_int8(fp32: onnx.ModelProto, path: str | os.PathLike[str], calibration
         raise ExportError("int8 export quantized nothing (no DequantizeLinear in the graph); not writing it")
     save_model(quantized, path)
     n_layers = len(qparams or {})
+    full = bool(n_layers) and counts["layers"] == n_layers
     return {
-        "calibration": ("learned" if learned and learned == n_layers else "mixed" if learned else "minmax"),
-        "learned_layers": learned,
-        "learned_tensors": len(overrides),
+        # learned: every fake-quant layer's learned scales are used (other tensors min/max calibrated);
+        # mixed: only some learned scales could be mapped to the graph; minmax: plain calibration.
+        "calibration": "learned" if full else "mixed" if overrides else "minmax",
+        "learned_layers": counts["layers"],
+        "learned_activations": counts["activations"],
+        "learned_weights": counts["weights"],
         "calibration_samples": sum(len(b) for b in reader.batches),
         "activation_type": "uint8",
         "weight_type": "int8",

@@ -62,3 +62,29 @@ def test_int8_fails_when_nothing_quantized(onnx_models, tmp_path):
     with pytest.raises(ExportError, match="quantized nothing"):
         export_int8(onnx_models["mlp"][1], tmp_path / "q.onnx", [images(8)], op_types_to_quantize=["Softmax"])
     assert list(tmp_path.iterdir()) == []
+
+
+def _qparams(model, name: str, granularity: str = "per_channel") -> dict:
+    w = dict(model.named_modules())[name].weight.detach()
+    scale = w.abs().amax(dim=1) / 127 if granularity == "per_channel" else w.abs().reshape(len(w), -1, 32).amax(2) / 7
+    return {"weight_scale": scale, "weight_zero_point": torch.zeros(scale.shape, dtype=torch.int32),
+            "bits": 8 if granularity == "per_channel" else 4, "granularity": granularity,
+            "group_size": None if granularity == "per_channel" else 32,
+            "act_scale": 0.05, "act_zero_point": -3, "act_bits": 8}
+
+
+@pytest.mark.parametrize(("granularity", "calibration", "n_weights"), [("per_channel", "learned", 1),
+                                                                       ("per_group", "mixed", 0)])
+def test_learned_overrides_from_qparams(onnx_models, tmp_path, granularity, calibration, n_weights):
+    model, proto = onnx_models["mlp"]
+    qparams = {"net.features.1": _qparams(model, "net.features.1", granularity)}
+    info = export_int8(proto, tmp_path / "q.onnx", [images(16)], model=model, qparams=qparams)
+    assert info["calibration"] == calibration
+    assert info["learned_activations"] == 1 and info["learned_weights"] == n_weights
+    inits = _inits(tmp_path / "q.onnx")
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    first_q = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "view")
+    assert float(inits[first_q.input[1]]) == pytest.approx(0.05) and int(inits[first_q.input[2]]) == 125
+    if n_weights:
+        np.testing.assert_allclose(inits["net.features.1.weight_scale"], qparams["net.features.1"]["weight_scale"],
+                                   rtol=1e-6)
