@@ -138,17 +138,19 @@ def test_hooks_removed_when_training_fails(tmp_path: Path) -> None:
 def test_ddp_two_ranks_one_summary(tmp_path: Path) -> None:
     body = f"""
     from lightning.pytorch.loggers import CSVLogger
-    from lp_lightning.callbacks import NumericsMonitor
+    from lp_lightning.callbacks import EpsilonGuard, NumericsMonitor
     if __name__ == "__main__":
         monitor = NumericsMonitor(every_n_steps=5, modules=["net.classifier"])
-        model = Classifier(net="mlp", input_shape=[1, 8, 8], num_classes=10)
-        trainer = ddp_trainer({str(tmp_path)!r}, callbacks=[monitor], logger=CSVLogger({str(tmp_path)!r}))
+        guard = EpsilonGuard(action="fix", check_every_n_steps=5)
+        model = Classifier(net="mlp", input_shape=[1, 8, 8], num_classes=10,
+                           optimizer={{"name": "adam", "lr": 1e-3, "eps": 1e-8}})
+        trainer = ddp_trainer({str(tmp_path)!r}, callbacks=[monitor, guard], logger=CSVLogger({str(tmp_path)!r}))
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
         assert sum(len(m._forward_hooks) for m in model.modules()) == 0
-        print("RANK", trainer.global_rank, "STEPS", monitor.steps)
+        print("RANK", trainer.global_rank, "STEPS", monitor.steps, "GUARD", len(guard.history), guard.checks[0].status)
     """
     proc = run_ddp_script(body, tmp_path)
-    assert "STEPS [0, 5, 10, 15]" in proc.stdout
+    assert proc.stdout.count("STEPS [0, 5, 10, 15] GUARD 4 ok") == 2  # both ranks, no hang
     summaries = list(tmp_path.rglob(SUMMARY_FILE))
     assert len(summaries) == 1 and (summaries[0].parent / HEATMAP_FILE).is_file()
     assert json.loads(summaries[0].read_text())["layers"]["net.classifier"]["grad_nonfinite"] == 0

@@ -12,6 +12,7 @@ guard raises to the same safe value) are trained once and marked ``reused`` in t
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -105,7 +106,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eps", type=float, nargs="+", default=list(EPS))
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=None, help="write runs + table as JSON here")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (e.g. 1 per process)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="only combine the runs of earlier --out files (e.g. one process per seed)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        runs = [r for part in parts for r in part["runs"]]
+        args.seeds = sorted({r["seed"] for r in runs})
+        args.epochs = parts[0]["epochs"]
+        args.eps = sorted({r["eps"] for r in runs if r["precision"] == "float16"}, reverse=True)
+        return _report(runs, args)
     runs: list[dict[str, Any]] = []
     done: dict[tuple, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,6 +135,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs.append(run)
                 print(f"{precision} eps={eps:g} guard={guard} seed={seed}: acc={run['test_acc']:.1f}% "
                       f"(eps used {run['eps_used']:.3g}, {run['status']}, {run['seconds']:.0f}s)", flush=True)
+    return _report(runs, args)
+
+
+def _report(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     table = rows(runs)
     text = markdown(table, list(args.eps))
     print(text)
