@@ -1,6 +1,6 @@
 """Wall-time overhead of NumericsMonitor(every_n_steps=50) on the default ``lp-train`` run.
 
-    python -m lp_lightning.tools.bench.monitor_overhead --repeats 3 [--epochs 15] [--out overhead.json]
+    python -m lp_lightning.tools.bench.monitor_overhead --repeats 3 [--epochs 15] [--threads 1] [--out overhead.json]
 
 Runs the default configuration (cnn on digits, fp32) with and without the monitor, interleaved
 (plain, monitored, plain, monitored, ...) in one process, and prints the median of the per-pair
@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from lp_lightning.config import config_dir
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=None, help="trainer.max_epochs (default: the config's)")
     parser.add_argument("--every-n-steps", type=int, default=50)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (1 on a busy machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = ["trainer.enable_progress_bar=false"]
     if args.epochs is not None:
         base.append(f"trainer.max_epochs={args.epochs}")

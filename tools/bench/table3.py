@@ -93,9 +93,10 @@ def markdown(table: list[dict[str, Any]], eps_values: list[float]) -> str:
             cells.append("-" if r is None else f"{r['acc_mean']:.1f} ({r['acc_min']:.1f}-{r['acc_max']:.1f})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for label, prec in (("fp32 reference", "float32"), ("bf16", "bfloat16")):
-        for r in (r for r in table if r["precision"] == prec):
-            lines.append(f"| {label}, eps={r['eps']:g} (guard: {r['status']}) | {r['acc_mean']:.1f} "
-                         f"({r['acc_min']:.1f}-{r['acc_max']:.1f}) |" + " |" * (len(eps_values) - 1))
+        for r in (r for r in table if r["precision"] == prec):  # value in the column of its eps
+            cells = [f"{r['acc_mean']:.1f} ({r['acc_min']:.1f}-{r['acc_max']:.1f})" if e == r["eps"] else ""
+                     for e in eps_values]
+            lines.append(f"| {label} (guard: {r['status']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
         runs = [r for part in parts for r in part["runs"]]
+        for r in runs:  # the guard's verdict on the eps asked for (older files copied it from the reused run)
+            r["status"] = eps_status(r["eps"], getattr(torch, r["precision"]))
         args.seeds = sorted({r["seed"] for r in runs})
         args.epochs = parts[0]["epochs"]
         args.eps = sorted({r["eps"] for r in runs if r["precision"] == "float16"}, reverse=True)
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for precision, eps, guard in configs:
                 key = (precision, effective_eps(precision, eps, guard), seed)
                 if key in done:  # same effective eps and seed: the same deterministic run
-                    run = {**done[key], "eps": eps, "guard": guard, "reused": True}
+                    run = {**done[key], "eps": eps, "guard": guard, "reused": True,
+                           "status": eps_status(eps, getattr(torch, precision))}
                 else:
                     run = train_once(precision, eps, seed, args.epochs, guard, args.lr, Path(tmp))
                     done[key] = run
