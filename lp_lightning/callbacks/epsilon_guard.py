@@ -68,6 +68,11 @@ class EpsilonGuard(Callback):
         self._before: dict[int, list[torch.Tensor]] = {}
 
     # ---- before the first step -------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new fit brings new optimizers: check them again
+            self._checked.clear()
+            self._before.clear()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for idx, optimizer in enumerate(trainer.optimizers):
             self._check(idx, optimizer)
