@@ -1,5 +1,10 @@
 """Fake-quant modules, observers and qparams (pure torch), shared by the plugin and the exporter."""
 
+from lp_lightning.quant.fake_quantize import (
+    fake_quantize_per_channel,
+    fake_quantize_per_tensor,
+    torch_fake_quant_ops,
+)
 from lp_lightning.quant.modules import (
     FAKE_QUANT_TYPES,
     FakeQuantConv1d,
@@ -30,10 +35,13 @@ __all__ = [
     "convert",
     "dequantize",
     "fake_quant_layers",
+    "fake_quantize_per_channel",
+    "fake_quantize_per_tensor",
     "fake_quantize_weight",
     "integer_weight",
     "matches",
     "parse_bits",
     "quantize_modules",
     "symmetric_weight_scale",
+    "torch_fake_quant_ops",
 ]

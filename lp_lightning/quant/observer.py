@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lp_lightning.quant.fake_quantize import fake_quantize_per_tensor
 from lp_lightning.quant.qparams import affine_qparams
 
 
@@ -69,9 +70,12 @@ class MovingAverageMinMaxObserver(nn.Module):
         self._initialized = True
 
     def fake_quantize(self, x: Tensor) -> Tensor:
-        """Fake-quantize ``x`` with the current qparams (straight-through gradient inside the range)."""
+        """Fake-quantize ``x`` with the current qparams (straight-through gradient inside the range).
+
+        Same values and gradients as ``torch.fake_quantize_per_tensor_affine`` (see ``quant.fake_quantize``).
+        """
         qmin, qmax = self.quant_range
-        return torch.fake_quantize_per_tensor_affine(x, self.scale.float(), self.zero_point, qmin, qmax)
+        return fake_quantize_per_tensor(x, self.scale.float(), self.zero_point, qmin, qmax)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

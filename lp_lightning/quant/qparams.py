@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lp_lightning.quant.fake_quantize import fake_quantize_per_channel
+
 EPS = torch.finfo(torch.float32).eps
 
 
@@ -35,15 +37,15 @@ def symmetric_weight_scale(weight: Tensor, bits: int, group_size: int | None = N
 
 def fake_quantize_weight(weight: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
                          group_size: int | None = None) -> Tensor:
-    """torch's per-channel fake-quantize op on the weight (straight-through gradient).
+    """Per-channel fake quantization of the weight (torch's op or its exact equivalent; straight-through).
 
     Per group: the weight is viewed as ``(out * K // group_size, group_size)`` so each row is one group.
     """
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if group_size is None:
-        return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, qmin, qmax)
+        return fake_quantize_per_channel(weight, scale, zero_point, qmin, qmax)
     rows = weight.reshape(-1, group_size)
-    out = torch.fake_quantize_per_channel_affine(rows, scale.reshape(-1), zero_point.reshape(-1), 0, qmin, qmax)
+    out = fake_quantize_per_channel(rows, scale.reshape(-1), zero_point.reshape(-1), qmin, qmax)
     return out.reshape(weight.shape)
 
 
