@@ -233,11 +233,19 @@ class Float8Precision(Precision):
 
     @contextlib.contextmanager
     def forward_context(self) -> Generator[None, None, None]:
-        """Default dtype ``compute_dtype`` for tensors created in the step; restored even if it raises."""
+        """Default dtype ``compute_dtype`` for tensors created in the step; restored even if it raises.
+
+        torchao's rowwise (axiswise) FP8 tensors cannot be reshaped under ``torch.inference_mode`` (which
+        Lightning uses for validation), so for those recipes the step runs under ``no_grad`` instead.
+        """
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.compute_dtype)
         try:
-            yield
+            with contextlib.ExitStack() as stack:
+                if self.recipe != "tensorwise" and torch.is_inference_mode_enabled():
+                    stack.enter_context(torch.inference_mode(False))
+                    stack.enter_context(torch.no_grad())
+                yield
         finally:
             torch.set_default_dtype(previous)
 

@@ -124,6 +124,19 @@ def test_forward_context_sets_and_restores_default_dtype(compute_dtype: str) -> 
     assert torch.get_default_dtype() == torch.float32
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+def test_every_recipe_runs_under_inference_mode(recipe: str) -> None:
+    """Lightning validates under torch.inference_mode, where torchao cannot reshape rowwise FP8 tensors."""
+    plugin = Float8Precision(recipe=recipe, emulate=True)
+    model = plugin.convert_module(_classifier("vit")).eval()
+    with torch.inference_mode():
+        x = torch.rand(4, 1, 8, 8)
+        with plugin.forward_context():
+            out = model(plugin.convert_input(x))
+        assert torch.is_inference_mode_enabled()
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
 def _e4m3_tensorwise(t: torch.Tensor) -> torch.Tensor:
     """Oracle: dynamic tensorwise scaling to E4M3 and back (scale = 448 / amax)."""
     scale = torch.finfo(torch.float8_e4m3fn).max / t.abs().max().clamp(min=1e-12)
@@ -201,6 +214,7 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     assert seen == {"fp8": MLP_FP8, "equal": True, "step": first.global_step}
     assert trainer.global_step == 2 * first.global_step
+    assert "val/acc" in trainer.callback_metrics  # validated (inference mode) with the rowwise recipe
 
 
 @pytest.mark.parametrize(("name", "recipe"), [("fp8", "tensorwise"), ("fp8_rowwise", "rowwise")])
