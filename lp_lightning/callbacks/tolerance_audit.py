@@ -165,6 +165,7 @@ class ToleranceAudit(Callback):
         self.plot = bool(plot)
         self.last_report: dict[str, Any] | None = None
         self._capture: _Capture | None = None
+        self._plotter: Any = None
         self.last_source = ""  # "captured" (validation loop's own logits) or "recomputed"
 
     # -- hooks ------------------------------------------------------------------------------------------
@@ -219,11 +220,13 @@ class ToleranceAudit(Callback):
             stem = log_dir / "audit" / f"epoch_{trainer.current_epoch:03d}"
             write_json(stem.with_suffix(".json"), report)
             if self.plot:
-                from lp_lightning.audit.plot import plot_comparison
+                if self._plotter is None:
+                    from lp_lightning.audit.plot import TolerancePlot
 
+                    self._plotter = TolerancePlot()  # one figure for all epochs: only the data changes
                 title = (f"epoch {trainer.current_epoch}: {report['low_precision']} vs {self.reference}, "
                          f"certified {report['certified_fraction']:.3f}, agreement {report['agreement']:.3f}")
-                plot_comparison(comparison, stem.with_suffix(".png"), title=title)
+                self._plotter.render(comparison, stem.with_suffix(".png"), title=title)
 
     # -- the audit itself -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from lp_lightning.tools import audit as audit_tool
 
 from lp_lightning.audit.tolerance import REPORT_KEYS
 from lp_lightning.config import config_dir
 from lp_lightning.models import Classifier
+from lp_lightning.tools import audit as audit_tool
 
 
 def _compose(overrides: list[str]):
@@ -49,9 +49,20 @@ def test_cnn_digits_in_low_precision_vs_fp32(digits_checkpoint: Callable[[str], 
     assert (tmp_path / audit_tool.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
 
 
+def _perturbed_copy(ckpt: Path, path: Path, scale: float = 0.05) -> Path:
+    """A second model: the checkpoint with noise on every floating weight (no training needed)."""
+    raw = torch.load(ckpt, weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    raw["state_dict"] = {k: v + scale * v.std().nan_to_num() * torch.randn(v.shape, generator=g)
+                         if v.is_floating_point() and v.numel() > 1 else v for k, v in raw["state_dict"].items()}
+    torch.save(raw, path)
+    return path
+
+
 def test_two_models_and_main_prints_table(digits_checkpoint: Callable[[str], Path], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    a, b = digits_checkpoint("mlp"), digits_checkpoint("cnn")
+    a = digits_checkpoint("cnn")
+    b = _perturbed_copy(a, tmp_path / "other.ckpt")
     out = tmp_path / "out"
     code = _main(monkeypatch, tmp_path, f"ckpt={a}", f"reference={b}", "reference_dtype=float64",
                  "max_samples=100", f"out_dir={out}")
@@ -74,7 +85,7 @@ def _other_classes_checkpoint(path: Path) -> Path:
 def test_bad_input_one_line_exit_2_no_report(digits_checkpoint: Callable[[str], Path], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                              case: str) -> None:
-    good = digits_checkpoint("mlp")
+    good = digits_checkpoint("cnn")
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"not a checkpoint at all")
     overrides, expect = {

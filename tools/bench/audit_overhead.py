@@ -3,13 +3,14 @@
 Runs both variants as separate ``lp-train`` processes, interleaved (plain, audit, plain, audit, ...), so a
 busy machine slows both alike, and prints the per-run times and the median ratio (target <= 1.10).
 
-    python -m lp_lightning.tools.bench.audit_overhead --repeats 3 [-- extra lp-train overrides]
+    python -m lp_lightning.tools.bench.audit_overhead --repeats 3 --threads 1 [extra lp-train overrides]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -20,12 +21,15 @@ from pathlib import Path
 VARIANTS = {"plain": [], "audit": ["callbacks=audit"]}
 
 
-def run_once(extra: list[str], out: Path) -> dict[str, float]:
+def run_once(extra: list[str], out: Path, threads: int | None) -> dict[str, float]:
     """One ``lp-train`` process; returns its process wall time and the fit+test time it reports."""
+    env = dict(os.environ)
+    if threads:  # on a shared machine, oversubscribed OpenMP threads make timings meaningless
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "lp_lightning.train", "trainer.enable_progress_bar=false",
            f"hydra.run.dir={out}", *extra]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"lp-train failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
@@ -36,6 +40,7 @@ def run_once(extra: list[str], out: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant (interleaved)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per run (0: library default)")
     parser.add_argument("overrides", nargs="*", help="extra lp-train overrides for both variants")
     args = parser.parse_args(argv)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for i in range(args.repeats):
             order = list(VARIANTS) if i % 2 == 0 else list(VARIANTS)[::-1]  # alternate who goes first
             for name in order:
-                r = run_once([*VARIANTS[name], *args.overrides], Path(tmp) / f"{name}_{i}")
+                r = run_once([*VARIANTS[name], *args.overrides], Path(tmp) / f"{name}_{i}", args.threads)
                 results[name].append(r)
                 print(f"run {i} {name:<5}  process {r['process_s']:6.2f} s  fit+test {r['fit_test_s']:6.2f} s"
                       f"  test_acc {r['test_acc']:.4f}", flush=True)
