@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -21,19 +23,30 @@ def _dtype(dtype: torch.dtype | str | None, t: Tensor) -> torch.dtype:
 
 @torch.no_grad()
 def tensor_stats_raw(t: Tensor, dtype: torch.dtype | str | None = None) -> Tensor:
-    """The four statistics of ``tensor_stats`` as one fp32 tensor (no host sync; cheap to stack)."""
+    """The four statistics of ``tensor_stats`` as one fp32 tensor ``[nonfinite, under, over, amax]``.
+
+    Fast path (one host sync): when the plain ``amax`` is finite and at most half the max, nothing is
+    non-finite or overflowing and only the underflow count is left to do.
+    """
     info = torch.finfo(_dtype(dtype, t))
     a = t.detach().abs().float()
-    finite = torch.isfinite(a)
-    nonfinite = (~finite).sum()
-    nonzero = (a != 0) & finite
-    n_nonzero = nonzero.sum()
-    under = (nonzero & (a < info.tiny)).sum()
-    over = (a > info.max / 2).sum()  # inf counts as overflow; nan compares False
-    amax = torch.where(finite, a, torch.zeros((), dtype=a.dtype)).amax() if a.numel() else a.new_zeros(())
-    n = max(a.numel(), 1)
-    return torch.stack([nonfinite.float(), under.float() / n_nonzero.clamp(min=1).float(), over.float() / n,
-                        amax.float()])
+    n = a.numel()
+    if n == 0:
+        return torch.zeros(4)
+    peak = float(a.amax())  # nan if any nan
+    nonzero = int(torch.count_nonzero(a))
+    if math.isfinite(peak) and peak <= info.max / 2:
+        nonfinite, over, amax = 0, 0, peak
+        below = int((a < info.tiny).sum()) - (n - nonzero)  # subnormal-range values, zeros excluded
+    else:
+        finite = torch.isfinite(a)
+        nonfinite = n - int(finite.sum())
+        over = int((a > info.max / 2).sum())  # inf counts as overflow; nan compares False
+        amax = float(torch.where(finite, a, 0.0).amax())
+        below = int(((a < info.tiny) & (a != 0)).sum())
+        nonzero -= int(torch.isnan(a).sum())  # nan is nonzero for count_nonzero; inf stays out via below
+        nonzero -= int(torch.isinf(a).sum())
+    return torch.tensor([nonfinite, below / max(nonzero, 1), over / n, amax], dtype=torch.float32)
 
 
 def tensor_stats(t: Tensor, dtype: torch.dtype | str | None = None) -> dict[str, float]:

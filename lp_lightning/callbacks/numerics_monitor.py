@@ -82,6 +82,8 @@ class NumericsMonitor(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._targets = select_modules(pl_module, self.modules)
         self.layers = list(self._targets)
+        if stage == "fit":  # a new fit starts a new record
+            self.steps, self.records = [], []
 
     # ---- sampling --------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
@@ -212,9 +214,12 @@ def write_heatmap(path: Path, data: Tensor, layers: list[str], steps: list[int])
 
     panels = [("act", 3, "log10 act amax"), ("grad", 3, "log10 grad amax"),
               ("act", 1, "act underflow share"), ("grad", 1, "grad underflow share")]
-    fig = Figure(figsize=(12, 2 + 0.35 * len(layers)), layout="constrained")
+    height = 2 + 0.35 * len(layers)
+    fig = Figure(figsize=(12, height))
     FigureCanvasAgg(fig)
-    for ax, (kind, stat, title) in zip(fig.subplots(2, 2, squeeze=False).flat, panels, strict=True):
+    fig.subplots_adjust(left=0.2, right=0.98, bottom=0.9 / height, top=1 - 0.45 / height, hspace=0.5,
+                        wspace=0.12)
+    for ax, (kind, stat, title) in zip(fig.subplots(2, 2, sharey=True).flat, panels, strict=True):
         values = data[:, :, KINDS.index(kind), stat].T  # layers x steps
         if stat == 3:
             values = torch.log10(values.clamp(min=1e-30))
