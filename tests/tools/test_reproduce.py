@@ -1,0 +1,29 @@
+"""The reproduction page regenerates end to end on a tiny budget and has every section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lp_lightning.tools.bench import reproduce
+
+
+def test_quick_reproduction_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "docs"
+    page = reproduce.main(["--quick", "--models", "mlp", "--precisions", "fp32", "fp16", "--epochs", "1",
+                           "--seeds", "0", "--jobs", "1", "--out-dir", str(out)])
+    text = page.read_text()
+    for heading in ("## 1. Table 2", "## 2. Table 3", "## 3. Lemma 1", "## 4. Export", "## 5. Pure 16-bit"):
+        assert heading in text
+    assert "python -m lp_lightning.tools.bench.reproduce --quick" in text
+    raw = json.loads((out / "reproduction.json").read_text())
+    table2 = raw["results"]["table2"]["table"]["mlp"]
+    assert set(table2) == {"fp32", "fp16"} and 0.0 < table2["fp16"]["acc_mean"] <= 100.0
+    lemma = raw["results"]["lemma1"]["rows"][0]
+    assert lemma["precision"] == "fp16" and lemma["violations"] == 0
+    assert lemma["agreement"] >= lemma["certified_fraction"]
+    assert (out / "img" / "lemma1_mlp_fp16.png").stat().st_size > 1000
+    assert "lemma1_mlp_fp16.png" in text
+    export_row = raw["results"]["export"]["rows"][0]
+    assert export_row["model"] == "mlp" and export_row["int8_size_x"] < 1.0
+    assert raw["results"]["speed"]["memory"][0]["fp16_ratio"] == 0.5
