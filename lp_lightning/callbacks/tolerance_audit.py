@@ -166,6 +166,7 @@ class ToleranceAudit(Callback):
         self.last_report: dict[str, Any] | None = None
         self._capture: _Capture | None = None
         self._plotter: Any = None
+        self._ref: nn.Module | None = None  # cached reference copy (no reference_module), refreshed per audit
         self.last_source = ""  # "captured" (validation loop's own logits) or "recomputed"
 
     # -- hooks ------------------------------------------------------------------------------------------
@@ -202,6 +203,10 @@ class ToleranceAudit(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._close_capture()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._close_capture()
+        self._ref = None  # release the reference copy's memory
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         capture = self._close_capture()
@@ -261,13 +266,24 @@ class ToleranceAudit(Callback):
                     with plugin.forward_context():
                         lows.append(pl_module(plugin.convert_input(x)))
             low = torch.cat([_check_output(o, "audited").detach().to(torch.float64) for o in lows])
-            reference = reference_copy(pl_module, plugin, self.reference_dtype)
-            x_all = torch.cat(xs).to(self.reference_dtype)
-            chunk = max(1024, len(xs[0]))
-            ref = torch.cat([_check_output(reference(x_all[j: j + chunk]), "reference").to(torch.float64)
-                             for j in range(0, len(x_all), chunk)])
+            reference = self._reference(pl_module, plugin)
+            ref = torch.cat([_check_output(reference(x.to(self.reference_dtype)), "reference").to(torch.float64)
+                             for x in xs])
             del reference
         return compare(self._gather(pl_module, low, loader, world), self._gather(pl_module, ref, loader, world))
+
+    def _reference(self, pl_module: L.LightningModule, plugin: Any) -> nn.Module:
+        """The plugin's reference module, or a cached plain copy refreshed in place with the current weights."""
+        if callable(getattr(plugin, "reference_module", None)):
+            return reference_copy(pl_module, plugin, self.reference_dtype)
+        if self._ref is not None:
+            src, dst = pl_module.state_dict(), self._ref.state_dict()
+            if src.keys() == dst.keys() and all(src[k].shape == dst[k].shape for k in src):
+                for key, value in src.items():
+                    dst[key].copy_(value)
+                return self._ref
+        self._ref = reference_copy(pl_module, plugin, self.reference_dtype)
+        return self._ref
 
     def _gather(self, pl_module: L.LightningModule, t: Tensor, loader: DataLoader, world: int) -> Tensor:
         """All-gather (every rank) and undo DistributedSampler's interleaving and padding."""

@@ -131,6 +131,11 @@ def test_cnn_batchnorm_and_train_modes_restored(tmp_path: Path) -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN running stats too
     assert int(comparison.certified.sum()) > 0 and len(comparison.err) == 128
     assert float(comparison.err.max()) < 1e-5  # float32 vs float64 of the same weights
+    with torch.no_grad():  # the cached reference copy follows the weights it is given
+        for p in model.parameters():
+            p.mul_(1.5)
+    assert summary(audit.audit(trainer, model)) == summary(ToleranceAudit(reference="float64").audit(trainer, model))
+    assert float(audit.audit(trainer, model).err.max()) < 1e-5
 
 
 class _RecordingPlugin(Precision):
