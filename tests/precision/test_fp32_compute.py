@@ -13,6 +13,15 @@ from lp_lightning.precision.fp32_compute import Fp32Accumulate, resolve_compute
 DTYPES = [torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine two threads stall on every parallel op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _saved_dtypes(fn):
     """Run ``fn`` and return (its output, the dtypes of every tensor autograd saved for backward)."""
     dtypes: set[torch.dtype] = set()

@@ -14,6 +14,15 @@ from tests.conftest import compose_train, fit_classifier
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine two threads stall on every parallel op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class GradDtypes(Callback):
     """Records the dtypes of the gradients the optimizer is about to use."""
 
@@ -30,8 +39,8 @@ class GradDtypes(Callback):
 def test_everything_stored_is_16bit(tmp_path, dtype, optimizer):
     grads = GradDtypes()
     model, trainer, _ = fit_classifier(tmp_path, net="cnn", epochs=1, plugins=[PureHalfPrecision(dtype)],
-                                       optimizer=optimizer, callbacks=[grads], limit_train_batches=3,
-                                       limit_val_batches=1)
+                                       optimizer=optimizer, callbacks=[grads], limit_train_batches=2,
+                                       limit_val_batches=0)
     want = DTYPES[dtype]
     assert {p.dtype for p in model.parameters()} == {want}
     assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {want}  # BatchNorm running stats
@@ -44,10 +53,10 @@ def test_everything_stored_is_16bit(tmp_path, dtype, optimizer):
     assert torch.get_default_dtype() == torch.float32
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", ["float16", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_pure16_trains_mlp_to_fp32_accuracy(tmp_path, dtype):
-    model, trainer, _ = fit_classifier(tmp_path, net="mlp", epochs=5, plugins=[PureHalfPrecision(dtype)])
-    assert trainer.callback_metrics["val/acc"] > 0.93  # fp32 reaches 0.959 in this setting
+    model, trainer, _ = fit_classifier(tmp_path, net="mlp", epochs=3, plugins=[PureHalfPrecision(dtype)])
+    assert trainer.callback_metrics["val/acc"] > 0.83  # fp32 reaches 0.867 in this setting
     assert next(model.parameters()).dtype == DTYPES[dtype]
 
 
@@ -69,7 +78,8 @@ def test_default_dtype_restored_when_training_step_raises(tmp_path):
         raise RuntimeError("step failed")
 
     with pytest.raises(RuntimeError, match="step failed"):
-        fit_classifier(tmp_path, epochs=1, plugins=[PureHalfPrecision("float16")], callbacks=[Failing()])
+        fit_classifier(tmp_path, epochs=1, plugins=[PureHalfPrecision("float16")], callbacks=[Failing()],
+                       limit_val_batches=0)
     assert torch.get_default_dtype() == torch.float32
 
 

@@ -15,6 +15,15 @@ from lp_lightning.precision.loss_scale import LossScaler
 from tests.conftest import fit_classifier
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine two threads stall on every parallel op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in module.parameters()])))
 
@@ -78,11 +87,11 @@ class Recorder(Callback):
 def test_overflow_skips_step_and_backs_off(tmp_path):
     rec = Recorder()
     plugin = PureHalfPrecision("float16", loss_scale="dynamic", init_scale=2.0**24)  # scaled grads overflow
-    model, trainer, _ = fit_classifier(tmp_path, epochs=2, plugins=[plugin], callbacks=[rec])
+    model, trainer, _ = fit_classifier(tmp_path, epochs=1, plugins=[plugin], callbacks=[rec])
     assert plugin.scaler.skipped_steps >= 3 and plugin.scaler.scale < 2.0**24
     assert rec.scales[0] == 2.0**24 and rec.scales[1] == 2.0**23
     assert trainer.callback_metrics["loss_scale"] == plugin.scaler.scale  # logged
-    assert trainer.callback_metrics["val/acc"] > 0.7  # trains once the scale has backed off
+    assert trainer.callback_metrics["val/acc"] > 0.4  # learns once the scale has backed off (1 epoch)
     assert {p.dtype for p in model.parameters()} == {torch.float16}
 
 
@@ -166,7 +175,7 @@ def test_manual_optimization(tmp_path):
 
 def test_scale_in_checkpoint_and_resumed(tmp_path):
     plugin = PureHalfPrecision("float16", loss_scale="dynamic", init_scale=2.0**40)
-    _, _, ckpt = fit_classifier(tmp_path, epochs=1, plugins=[plugin], limit_val_batches=0)
+    _, _, ckpt = fit_classifier(tmp_path, epochs=1, plugins=[plugin], limit_train_batches=6, limit_val_batches=0)
     saved = torch.load(ckpt, weights_only=True)["PureHalfPrecision"]
     assert saved["scale"] == plugin.scaler.scale < 2.0**40
     assert saved["skipped_steps"] == plugin.scaler.skipped_steps > 0
@@ -176,7 +185,8 @@ def test_scale_in_checkpoint_and_resumed(tmp_path):
     L.seed_everything(0)
     model = Classifier(net="mlp", input_shape=[1, 8, 8], num_classes=10)
     trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=str(tmp_path), plugins=[resumed], callbacks=[rec], limit_val_batches=0)
+                        default_root_dir=str(tmp_path), plugins=[resumed], callbacks=[rec], limit_val_batches=0,
+                        limit_train_batches=6)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt)
     assert rec.scales[0] == saved["scale"]
     assert resumed.scaler.skipped_steps >= saved["skipped_steps"]
