@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,8 @@ class ToleranceAudit(Callback):
         self.last_report: dict[str, Any] | None = None
         self._capture: _Capture | None = None
         self._plotter: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._plots: list[Future[None]] = []
         self._ref: nn.Module | None = None  # cached reference copy (no reference_module), refreshed per audit
         self.last_source = ""  # "captured" (validation loop's own logits) or "recomputed"
 
@@ -207,6 +210,9 @@ class ToleranceAudit(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._close_capture()
         self._ref = None  # release the reference copy's memory
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # errors were raised in on_fit_end (or the fit failed anyway)
+            self._pool, self._plots = None, []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         capture = self._close_capture()
@@ -224,14 +230,27 @@ class ToleranceAudit(Callback):
         if trainer.is_global_zero:
             stem = log_dir / "audit" / f"epoch_{trainer.current_epoch:03d}"
             write_json(stem.with_suffix(".json"), report)
-            if self.plot:
-                if self._plotter is None:
-                    from lp_lightning.audit.plot import TolerancePlot
+            if self.plot:  # rendered on one background thread; all PNGs are written when fit returns
+                title = f"epoch {trainer.current_epoch}: {report['low_precision']} vs {self.reference}"
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tolerance-audit-plot")
+                self._plots.append(self._pool.submit(self._render, comparison, stem.with_suffix(".png"), title))
 
-                    self._plotter = TolerancePlot()  # one figure for all epochs: only the data changes
-                title = (f"epoch {trainer.current_epoch}: {report['low_precision']} vs {self.reference}, "
-                         f"certified {report['certified_fraction']:.3f}, agreement {report['agreement']:.3f}")
-                self._plotter.render(comparison, stem.with_suffix(".png"), title=title)
+    def _render(self, comparison: Comparison, path: Path, title: str) -> None:  # on the plot thread only
+        if self._plotter is None:
+            from lp_lightning.audit.plot import TolerancePlot
+
+            self._plotter = TolerancePlot()  # one figure for all epochs: only the data changes
+        self._plotter.render(comparison, path, title=title)
+
+    def wait_for_plots(self) -> None:
+        """Block until every pending PNG is written; re-raise the first rendering error."""
+        plots, self._plots = self._plots, []
+        for plot in plots:
+            plot.result()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.wait_for_plots()
 
     # -- the audit itself -------------------------------------------------------------------------------
     @torch.no_grad()
