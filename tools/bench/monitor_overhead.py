@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"overhead ratio {ratio:.3f} wall, {cpu_ratio:.3f} cpu (median of per-pair ratios; wall per pair: "
           f"{', '.join(f'{r:.3f}' for r in ratios)}; ratio of median walls {of_medians:.3f}; target <= 1.15)")
     result = {"times_s": times, "cpu_s": cpu, "ratios": ratios, "cpu_ratios": cpu_ratios, "ratio": ratio,
-              "cpu_ratio": cpu_ratio, "ratio_of_medians": of_medians, "every_n_steps": args.every_n_steps, "target": 1.15, "ok": ratio <= 1.15}
+              "cpu_ratio": cpu_ratio, "ratio_of_medians": of_medians, "every_n_steps": args.every_n_steps,
+              "target": 1.15, "ok": ratio <= 1.15}
     if args.out is not None:
         write_json(args.out, result)
     return result
