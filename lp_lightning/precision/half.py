@@ -135,6 +135,7 @@ class PureHalfPrecision(HalfPrecision):
         # automatic optimization may skip backward (training_step returned None): nothing to unscale or step
         if closure_result is None and model.automatic_optimization:
             self._after_closure(model, optimizer)
+            self._found_inf.pop(id(getattr(optimizer, "_optimizer", optimizer)), None)
             return closure_result
         found_inf = self.unscale_gradients(optimizer)  # before the hooks, so clipping sees true gradients
         self._after_closure(model, optimizer)
