@@ -104,18 +104,19 @@ def test_exact_stats_against_fp16_range(tmp_path: Path, capsys: pytest.CaptureFi
 
 @pytest.mark.parametrize("dtype", [None, "float16"])
 def test_pure_fp16_run_samples_every_n_steps_and_removes_hooks(tmp_path: Path, dtype: str | None) -> None:
-    monitor = NumericsMonitor(every_n_steps=3, modules=["Conv2d", "net.classifier"])
+    monitor = NumericsMonitor(every_n_steps=3, modules=["Conv2d", "net.classifier"], heatmap=dtype is None)
     model = _cnn()
     plugins = [PureHalfPrecision(dtype, compute="fp32_accumulate")] if dtype else []
-    trainer = L.Trainer(max_steps=7, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, limit_val_batches=0, plugins=plugins,
                         default_root_dir=str(tmp_path), callbacks=[monitor])
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-    assert monitor.steps == [0, 3, 6] and len(monitor.layers) == 7
+    assert monitor.steps == [0, 3] and len(monitor.layers) == 7
     data = torch.stack(monitor.records)
     assert not torch.isnan(data).any()  # every layer saw its activation and its gradient each sampled step
     assert (data[..., 3] > 0).all() and (data[..., 0] == 0).all()
-    assert (tmp_path / HEATMAP_FILE).is_file()
+    assert (tmp_path / HEATMAP_FILE).is_file() is (dtype is None)
+    assert (tmp_path / SUMMARY_FILE).is_file()
     assert _hooks(model) == 0
 
 
