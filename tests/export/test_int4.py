@@ -10,7 +10,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from lp_lightning.export import ExportError, export_int4, gemm_to_matmul
 from lp_lightning.export.evaluate import optimized_op_types
-from lp_lightning.export.onnx_fp32 import run_onnx, to_onnx
+from lp_lightning.export.onnx_fp32 import run_onnx
 from tests.export.conftest import images
 
 
@@ -72,7 +72,10 @@ def test_int4_conv_weights_are_int4_dequantizelinear(onnx_models, tmp_path):
 
 
 def test_int4_refuses_a_model_with_nothing_to_quantize(tmp_path):
-    proto = to_onnx(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU()), torch.randn(2, 1, 8, 8))
+    x = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 64])
+    y = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 64])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["input"], ["logits"])], "g", [x], [y])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)])
     with pytest.raises(ExportError, match="quantized no weight"):
         export_int4(proto, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
