@@ -27,6 +27,7 @@ _UPCAST = {
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
 }
+_FLASH_CPU = _aten._scaled_dot_product_flash_attention_for_cpu.default
 # CPU flags of matrix units that run each 16-bit dtype natively (oneDNN kernels behind torch's CPU matmul).
 _NATIVE_CPU_FLAGS = {
     torch.bfloat16: ("avx512_bf16", "amx_bf16"),
@@ -46,11 +47,18 @@ class Fp32Accumulate(TorchDispatchMode):
         if func not in _UPCAST:
             return func(*args, **kwargs)
         low = self.dtype
+        # the matrix ops take their tensors as flat positional arguments: no pytree walk (it costs ~10 us)
         if not any(isinstance(a, Tensor) and a.dtype == low for a in args):
-            return func(*args, **kwargs)
-        args, kwargs = tree_map_only(Tensor, lambda t: t.float() if t.dtype == low else t, (args, kwargs))
-        out = func(*args, **kwargs)
-        return tree_map_only(Tensor, lambda t: t.to(low) if t.dtype == torch.float32 else t, out)
+            return func(*args, **kwargs)  # not a 16-bit product: untouched
+        up = [a.float() if isinstance(a, Tensor) and a.dtype == low else a for a in args]
+        if kwargs:
+            kwargs = tree_map_only(Tensor, lambda t: t.float() if t.dtype == low else t, kwargs)
+        out = func(*up, **kwargs)
+        if isinstance(out, Tensor):
+            return out.to(low)
+        if func is _FLASH_CPU:  # (output, logsumexp): the logsumexp is fp32 in the native kernel too
+            return out[0].to(low), out[1]
+        return type(out)(t.to(low) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in out)
 
 
 @functools.cache

@@ -131,3 +131,15 @@ def test_auto_choice_is_logged_once(monkeypatch, caplog):
                 pass
     assert plugin.compute_mode == "fp32_accumulate"
     assert sum("compute='fp32_accumulate'" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_matches_fp32_and_keeps_16bit(dtype):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8).to(dtype).requires_grad_() for _ in range(3))
+    with Fp32Accumulate(dtype):
+        out = F.scaled_dot_product_attention(q, k, v)
+        out.float().sum().backward()
+    ref = F.scaled_dot_product_attention(q.detach().float(), k.detach().float(), v.detach().float())
+    assert out.dtype == dtype and {t.grad.dtype for t in (q, k, v)} == {dtype}
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
