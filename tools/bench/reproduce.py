@@ -48,8 +48,8 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
     models = args.models or ["mlp", "cnn", "vit"]
     speed_models = [m for m in ("mlp", "cnn") if m in models] or ["mlp"]
     return {
-        "table2": ["--seeds", *seeds, *ep, "--jobs", str(args.jobs)],
-        "table3": ["--seeds", *(seeds[:1] if quick else seeds[:3]), "--epochs", str(epochs or 5),
+        "table2": ["--seeds", *seeds, *ep, "--jobs", str(args.jobs), "--threads", str(max(1, 2 // args.jobs))],
+        "table3": ["--seeds", *(seeds[:1] if quick else seeds[:3]), "--epochs", str(epochs or 5), "--threads", "2",
                    *(["--eps", "1e-2", "1e-4", "1e-8"] if quick else [])],
         "lemma1": ["--models", *[m for m in ("cnn", "mlp") if m in models], "--epochs", str(epochs or 15)],
         "export": ["--models", ",".join(models if quick else [*models, "mlp512", "vit128"]),
