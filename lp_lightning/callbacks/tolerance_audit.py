@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -218,14 +219,16 @@ class ToleranceAudit(Callback):
         capture = self._close_capture()
         if not self._audits(trainer):
             return
+        start = time.perf_counter()
         comparison = self.audit(trainer, pl_module, capture)
         report = {**summary(comparison), "low_precision": self._low_name(trainer, pl_module),
                   "reference_precision": self.reference, "split": "val",
-                  "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+                  "epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                  "audit_seconds": time.perf_counter() - start}
         self.last_report = report
-        for key in LOGGED:
-            pl_module.log(f"audit/{key}", float(report[key]), on_step=False, on_epoch=True,
-                          sync_dist=True)  # equal on every rank; syncing only silences a warning
+        for key in (*LOGGED, "audit_seconds"):
+            pl_module.log(f"audit/{key.removeprefix('audit_')}", float(report[key]), on_step=False,
+                          on_epoch=True, sync_dist=True)  # equal on every rank; syncing only silences a warning
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank calls it
         if trainer.is_global_zero:
             stem = log_dir / "audit" / f"epoch_{trainer.current_epoch:03d}"
