@@ -275,3 +275,13 @@ def test_fp8_reaches_fp32_accuracy_on_digits(tmp_path: Path, net: str) -> None:
         model, trainer, _ = fit_classifier(tmp_path / name, net=net, epochs=epochs, plugins=plugins, optimizer=opt)
         accs[name] = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     assert accs["fp8"] >= accs["fp32"] - 0.02, accs
+
+
+def test_speed_benchmark_reports_ratios(tmp_path: Path) -> None:
+    from lp_lightning.tools.bench import fp8_speed
+
+    out = tmp_path / "fp8_speed.json"
+    report = fp8_speed.main(["--width", "32", "--batch", "16", "--depth", "1", "--steps", "2", "--out", str(out)])
+    assert out.is_file() and report["fp8_over_bf16"] > 0
+    expected = {"bf16", "fp8", "fp8_rowwise"} if torch.cuda.is_available() else {"fp32", "bf16", "fp8", "fp8_fp32"}
+    assert set(report["ms_per_step"]) == expected
