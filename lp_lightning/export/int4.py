@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-from lp_lightning.export.graph import ExportError, op_types, quiet_loggers, save_model
+from lp_lightning.export.graph import ExportError, layer_nodes, op_types, quiet_loggers, save_model
 
 INT4_MIN, INT4_MAX = -8, 7
 
@@ -101,16 +102,82 @@ def conv_weights_to_int4(model: onnx.ModelProto) -> int:
     return count
 
 
+def _pack_uint4(q: np.ndarray, block_size: int) -> np.ndarray:
+    """int4 values (N, K) -> MatMulNBits' B: uint8 (N, K // block_size, block_size // 2), zero point 8."""
+    u = (q.astype(np.int16) + 8).astype(np.uint8)
+    packed = u[:, 0::2] | (u[:, 1::2] << 4)  # element 2i in the low nibble, 2i+1 in the high nibble
+    return np.ascontiguousarray(packed.reshape(q.shape[0], q.shape[1] // block_size, block_size // 2))
+
+
+def learned_matmulnbits(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], block_size: int,
+                        accuracy_level: int) -> int:
+    """Replace MatMul(A, W^T const) by MatMulNBits with the LEARNED per-group scales, in place.
+
+    ``weights`` maps a MatMul weight initializer name to its learned scales (N, K // block_size); a weight
+    is only replaced when it lies exactly on that int4 grid (a FakeQuantPrecision checkpoint's snapped
+    weights). Returns the number of replaced nodes.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    count = 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in weights or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64).T  # (N, K)
+        scale = np.asarray(weights[node.input[1]], dtype=np.float64)
+        n, k = w.shape
+        if k % block_size or scale.shape != (n, k // block_size):
+            continue
+        s = np.repeat(scale, block_size, axis=1)
+        q = np.round(w / s)
+        if q.min() < INT4_MIN or q.max() > INT4_MAX or not np.allclose(q * s, w, rtol=1e-5, atol=1e-7):
+            continue  # not on the learned grid: leave it to MatMulNBitsQuantizer
+        name = node.input[1]
+        graph.initializer.extend([
+            numpy_helper.from_array(_pack_uint4(q.astype(np.int8), block_size), f"{name}__nbits"),
+            numpy_helper.from_array(scale.astype(np.float32).reshape(-1), f"{name}__nbits_scale"),
+        ])
+        new = helper.make_node("MatMulNBits", [node.input[0], f"{name}__nbits", f"{name}__nbits_scale"],
+                               list(node.output), name=f"{node.name}_nbits", domain="com.microsoft", K=k, N=n,
+                               bits=4, block_size=block_size, accuracy_level=accuracy_level)
+        node.CopyFrom(new)
+        count += 1
+    if count:
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        remove_unused_initializers(model)
+    return count
+
+
+def _learned_weight_scales(fp32: onnx.ModelProto, qparams: Mapping[str, Mapping[str, Any]] | None,
+                           block_size: int) -> dict[str, np.ndarray]:
+    """MatMul weight name (after the Gemm rewrite) -> learned int4 per-group scales of that layer."""
+    out: dict[str, np.ndarray] = {}
+    nodes = layer_nodes(fp32)
+    for fqn, q in (qparams or {}).items():
+        node = nodes.get(fqn)
+        if (node is None or node.op_type not in ("Gemm", "MatMul") or q.get("bits") != 4
+                or q.get("granularity") != "per_group" or q.get("group_size") != block_size):
+            continue
+        scale = np.asarray(q["weight_scale"], dtype=np.float64)
+        out[node.weight if node.op_type == "MatMul" else f"{node.weight}__matmul"] = scale
+    return out
+
+
 def export_int4(fp32: onnx.ModelProto, path: str | os.PathLike[str], block_size: int = 32,
-                accuracy_level: int = 4) -> dict[str, Any]:
+                accuracy_level: int = 4, qparams: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Quantize ``fp32``'s weights to INT4 and write the model to ``path`` (atomically).
 
+    ``qparams`` (from ``lp_lightning.quant.convert``): Linear layers trained with int4 per-group weights of
+    ``group_size == block_size`` keep their learned scales; the other MatMuls get MatMulNBitsQuantizer's.
     Raises :class:`ExportError` when no weight was quantized: an "int4" file that is fp32 inside is
     never written.
     """
     model = onnx.ModelProto()
     model.CopyFrom(fp32)
+    learned = _learned_weight_scales(fp32, qparams, block_size)
     rewritten = gemm_to_matmul(model)
+    n_learned = learned_matmulnbits(model, learned, block_size, accuracy_level)
     with quiet_loggers("onnxruntime", "onnxruntime.quantization.matmul_nbits_quantizer", level=logging.ERROR):
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                          accuracy_level=accuracy_level)
@@ -124,6 +191,8 @@ def export_int4(fp32: onnx.ModelProto, path: str | os.PathLike[str], block_size:
     save_model(model, path)
     return {
         "method": f"MatMulNBits block {block_size} accuracy_level {accuracy_level}; Conv int4 per-channel",
+        "calibration": "learned" if learned and n_learned == len(learned) else "mixed" if n_learned else "minmax",
+        "learned_matmulnbits": n_learned,
         "block_size": block_size,
         "accuracy_level": accuracy_level,
         "gemm_rewritten": rewritten,

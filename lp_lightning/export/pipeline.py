@@ -135,7 +135,8 @@ def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
         if "int4" in cfg.formats:
             log(f"[lp-export] int4: Gemm->MatMul, MatMulNBits block {cfg.int4_block_size}, Conv int4 per-channel")
             written.append(out / "model_int4.onnx")
-            quant["int4"] = export_int4(proto, out / "model_int4.onnx", cfg.int4_block_size, cfg.int4_accuracy_level)
+            quant["int4"] = export_int4(proto, out / "model_int4.onnx", cfg.int4_block_size, cfg.int4_accuracy_level,
+                                        qparams=qparams)
             paths["int4"] = out / "model_int4.onnx"
             log(f"[lp-export] int4: {quant['int4']['matmulnbits_nodes']} MatMulNBits, "
                 f"{quant['int4']['conv_int4_weights']} int4 Conv weights")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -10,7 +12,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from lp_lightning.export import ExportError, export_int4, gemm_to_matmul
 from lp_lightning.export.evaluate import optimized_op_types
-from lp_lightning.export.onnx_fp32 import run_onnx
+from lp_lightning.export.onnx_fp32 import run_onnx, to_onnx
 from tests.export.conftest import images
 
 
@@ -79,3 +81,29 @@ def test_int4_refuses_a_model_with_nothing_to_quantize(tmp_path):
     with pytest.raises(ExportError, match="quantized no weight"):
         export_int4(proto, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_int4_learned_per_group_scales_reproduce_snapped_weights(onnx_models, tmp_path, accuracy_level):
+    """Weights on a learned int4 grid (FakeQuantPrecision int4w) go into MatMulNBits exactly."""
+    snapped = copy.deepcopy(onnx_models["mlp"][0])
+    qparams = {}
+    with torch.no_grad():
+        for name in ("net.features.1", "net.features.4", "net.classifier"):  # in_features 64, 64, 32
+            w = dict(snapped.named_modules())[name].weight
+            scale = w.abs().reshape(len(w), -1, 32).amax(2) / 7
+            s = scale.repeat_interleave(32, 1)
+            w.copy_((w / s).round().clamp(-8, 7) * s)
+            qparams[name] = {"weight_scale": scale, "bits": 4, "granularity": "per_group", "group_size": 32}
+    proto = to_onnx(snapped, torch.randn(2, 1, 8, 8))
+    info = export_int4(proto, tmp_path / "m.onnx", accuracy_level=accuracy_level, qparams=qparams)
+    assert info["learned_matmulnbits"] == 3 and info["calibration"] == "learned" and info["matmulnbits_nodes"] == 3
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    np.testing.assert_allclose(inits["net.features.1.weight__matmul__nbits_scale"],
+                               qparams["net.features.1"]["weight_scale"].reshape(-1).numpy(), rtol=1e-6)
+    x = images(16)
+    with torch.no_grad():
+        ref = snapped(torch.from_numpy(x)).numpy()
+    # fp32 compute (level 0) reproduces the snapped model; level 4 also quantizes the inputs to int8
+    atol = 1e-4 if accuracy_level == 0 else 0.05 * float(np.abs(ref).max())
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x), ref, atol=atol)
