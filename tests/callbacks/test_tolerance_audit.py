@@ -243,3 +243,13 @@ def test_ddp_covers_all_ranks_and_writes_once(tmp_path: Path) -> None:
     for key in ("err_mean", "err_p99", "err_max"):
         assert report[key] == pytest.approx(expected[key], abs=1e-6), key
     assert float((tmp_path / "callback_metric.txt").read_text()) == pytest.approx(report["agreement"])
+
+
+def test_callbacks_audit_config_instantiates() -> None:
+    from lp_lightning.config import build_callbacks
+    from tests.conftest import compose_train
+
+    cfg = compose_train(["callbacks=audit", "callbacks.audit.reference=float64", "callbacks.audit.max_samples=50"])
+    (audit,) = build_callbacks(cfg.callbacks)
+    assert isinstance(audit, ToleranceAudit)
+    assert (audit.reference_dtype, audit.every_n_epochs, audit.max_samples, audit.plot) == (torch.float64, 1, 50, True)
