@@ -338,8 +338,10 @@ class ToleranceAudit(Callback):
         return next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
 
     def _low_name(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """``PluginClass (compute dtype)``, or Lightning's precision string (with the weights' dtype if "-true")."""
         plugin = trainer.precision_plugin
-        name = getattr(plugin, "precision", None)
+        name = str(getattr(plugin, "precision", type(plugin).__name__))
+        if isinstance(getattr(plugin, "compute_dtype", None), torch.dtype):
+            return f"{type(plugin).__name__} ({str(plugin.compute_dtype).removeprefix('torch.')})"
         dtype = self._low_dtype(trainer, pl_module)
-        label = type(plugin).__name__ if type(plugin).__module__.startswith("lp_lightning") else name
-        return f"{label} ({str(dtype).removeprefix('torch.')})" if dtype is not None else str(label)
+        return f"{name} ({str(dtype).removeprefix('torch.')})" if name.endswith("-true") and dtype else name
