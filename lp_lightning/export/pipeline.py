@@ -100,19 +100,21 @@ def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
     """Export ``ckpt_path`` to every format of ``cfg`` under ``out_dir`` and write the report.
 
     Returns the report; ``report["failures"]`` lists missed thresholds (the report is written anyway).
-    Any error before the report is complete removes the model files this call wrote.
+    Any error before the report is complete removes the model files this call wrote (and ``out_dir`` if
+    this call created it), so a failed export leaves nothing behind.
     """
     cfg = cfg or ExportConfig()
+    created = not Path(out_dir).exists()
     out = check_writable(out_dir)
-    log(f"[lp-export] loading {str(ckpt_path)!r} (weights_only)")
-    model, ckpt = load_classifier(ckpt_path)
-    plain, qparams = _plain_model(model, ckpt)
-    x_test, y_test, calib = _splits(ckpt["hyper_parameters"], cfg)
-    with torch.no_grad():
-        ref = plain(torch.from_numpy(x_test)).float().numpy()
-        others = {"fake_quant": model(torch.from_numpy(x_test)).float().numpy()} if qparams else {}
     written: list[Path] = []
     try:
+        log(f"[lp-export] loading {str(ckpt_path)!r} (weights_only)")
+        model, ckpt = load_classifier(ckpt_path)
+        plain, qparams = _plain_model(model, ckpt)
+        x_test, y_test, calib = _splits(ckpt["hyper_parameters"], cfg)
+        with torch.no_grad():
+            ref = plain(torch.from_numpy(x_test)).float().numpy()
+            others = {"fake_quant": model(torch.from_numpy(x_test)).float().numpy()} if qparams else {}
         log("[lp-export] fp32: torch.onnx.export (dynamic batch, weights inside the file)")
         proto = to_onnx(plain, torch.from_numpy(x_test[:2]))
         diff = check_parity(plain, proto, torch.from_numpy(x_test), cfg.parity_atol)
@@ -126,18 +128,18 @@ def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
             source = "learned scales (TensorQuantOverrides)" if qparams else "minmax calibration"
             log(f"[lp-export] int8: static QDQ per-channel, uint8 act/int8 weights, {source} "
                 f"on {sum(len(b) for b in calib)} training samples")
-            written.append(out / "model_int8.onnx")
             quant["int8"] = export_int8(proto, out / "model_int8.onnx", calib, model=plain, qparams=qparams,
                                         reduce_range=cfg.reduce_range)
             paths["int8"] = out / "model_int8.onnx"
+            written.append(paths["int8"])
             log(f"[lp-export] int8: calibration={quant['int8']['calibration']} "
                 f"reduce_range={quant['int8']['reduce_range']}")
         if "int4" in cfg.formats:
             log(f"[lp-export] int4: Gemm->MatMul, MatMulNBits block {cfg.int4_block_size}, Conv int4 per-channel")
-            written.append(out / "model_int4.onnx")
             quant["int4"] = export_int4(proto, out / "model_int4.onnx", cfg.int4_block_size, cfg.int4_accuracy_level,
                                         qparams=qparams)
             paths["int4"] = out / "model_int4.onnx"
+            written.append(paths["int4"])
             log(f"[lp-export] int4: {quant['int4']['matmulnbits_nodes']} MatMulNBits, "
                 f"{quant['int4']['conv_int4_weights']} int4 Conv weights")
         metrics = {}
@@ -168,6 +170,8 @@ def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
         raise
     log(f"[lp-export] report: {out / REPORT_NAME}")
     return report
