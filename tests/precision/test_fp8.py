@@ -225,7 +225,8 @@ def test_hydra_entries_instantiate(name: str, recipe: str) -> None:
 
 def test_torchao_import_noise_is_filtered_but_real_warnings_show() -> None:
     code = ("import logging; logging.basicConfig(level=logging.INFO); "  # show every record, as Hydra does
-            "from lp_lightning.precision import Float8Precision; Float8Precision(emulate=True); "
+            "import sys; from lp_lightning.precision import Float8Precision; "
+            "assert 'torchao' not in sys.modules, 'torchao imported eagerly'; Float8Precision(emulate=True); "
             "logging.getLogger('torchao').warning('a real torchao warning')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
