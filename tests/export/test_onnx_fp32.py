@@ -13,9 +13,11 @@ from lp_lightning.export.onnx_fp32 import run_onnx
 from tests.export.conftest import cached_to_onnx, images, tiny_classifier
 
 
-@pytest.mark.parametrize("net", ["mlp", "cnn", pytest.param("vit", marks=pytest.mark.slow)])
-def test_export_fp32_dynamic_batch_single_file_parity(net, tmp_path):
-    model = tiny_classifier(net)
+@pytest.mark.parametrize(("net", "kwargs"), [("mlp", {"hidden": [64, 32]}), ("cnn", {"channels": [8, 16]}),
+                                             pytest.param("vit", {}, marks=pytest.mark.slow)])
+def test_export_fp32_dynamic_batch_single_file_parity(net, kwargs, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_fp32, "to_onnx", cached_to_onnx)  # mlp/cnn: the trace of the shared fixture
+    model = tiny_classifier(net, **kwargs)
     x = torch.from_numpy(images(16))
     path = tmp_path / "m.onnx"
     _, diff = export_fp32(model, x, path)
