@@ -28,6 +28,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     A checkpoint that carries pickled objects (which could run code) is refused; nothing in it runs.
     """
     file = Path(path)
+    if file.is_dir():
+        raise CheckpointError(f"checkpoint {str(file)!r} is a directory; pass the .ckpt file inside it")
     if not file.is_file():
         raise CheckpointError(f"checkpoint {str(file)!r} does not exist")
     if file.stat().st_size == 0:

@@ -73,6 +73,8 @@ def test_checkpoint_reloads_with_same_predictions(tmp_path: Path) -> None:
 def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="missing.ckpt.*does not exist"):
         read_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        read_checkpoint(tmp_path)
     empty = tmp_path / "empty.ckpt"
     empty.touch()
     with pytest.raises(CheckpointError, match="empty.ckpt.*empty"):
