@@ -103,6 +103,15 @@ def test_emulate_false_without_fp8_hardware_says_what_is_missing() -> None:
         Float8Precision(emulate=False)
 
 
+def test_real_kernels_with_model_off_cuda_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fp8_module, "fp8_hardware_missing", lambda: None)  # pretend an FP8 GPU exists
+    plugin = Float8Precision(emulate=False)
+    assert plugin.compute_dtype == torch.bfloat16  # auto with real kernels
+    model = plugin.convert_module(_classifier("mlp"))
+    with pytest.raises(RuntimeError, match=r"CUDA device.*\['cpu'\].*emulate=True"):
+        plugin.connect(model, [], [])
+
+
 @pytest.mark.skipif(HAS_FP8, reason="this machine has FP8 hardware")
 def test_auto_emulates_without_hardware_and_says_so_once(monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
