@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lp_lightning.audit.tolerance import Comparison, compare, summary
-from lp_lightning.callbacks.tolerance_audit import parse_reference, reference_copy
+from lp_lightning.callbacks.audit_support import parse_reference, reference_copy
 from lp_lightning.config import config_dir, precision_kwargs
 from lp_lightning.io import write_json
 from lp_lightning.models import CheckpointError, datamodule_from_hparams, load_classifier

@@ -2,140 +2,32 @@
 
 from __future__ import annotations
 
-import copy
-import random
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lp_lightning.audit.tolerance import Comparison, compare, summary
+from lp_lightning.callbacks.audit_support import (
+    ValidationCapture,
+    batch_inputs,
+    check_logits,
+    eval_mode,
+    parse_reference,
+    reference_copy,
+    rng_preserved,
+)
 from lp_lightning.io import write_json
 
 __all__ = ["ToleranceAudit", "reference_copy", "rng_preserved"]
 
-REFERENCE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 LOGGED = ("certified_fraction", "agreement", "violations", "err_mean", "tol_mean", "nonfinite")
-
-
-def parse_reference(reference: str | torch.dtype) -> torch.dtype:
-    """``"float32"``/``"float64"`` (or the torch dtype) -> dtype; ValueError for anything else."""
-    name = str(reference).removeprefix("torch.") if isinstance(reference, torch.dtype) else reference
-    if name not in REFERENCE_DTYPES:
-        hint = (" (a reference must be of higher precision than the audited model)"
-                if name in ("float16", "bfloat16", "half") else "")
-        raise ValueError(f"reference={reference!r} is not allowed{hint}; use one of {sorted(REFERENCE_DTYPES)}")
-    return REFERENCE_DTYPES[name]
-
-
-def reference_copy(module: nn.Module, plugin: Any, dtype: torch.dtype) -> nn.Module:
-    """A new plain copy of ``module`` in ``dtype`` (the plugin's ``reference_module`` if it has one)."""
-    make = getattr(plugin, "reference_module", None)
-    if callable(make):
-        return make(module, dtype).eval()
-    # deepcopy without the hooks other callbacks registered (copying them would copy those callbacks)
-    memo: dict[int, Any] = {}
-    for m in module.modules():
-        for attr in _HOOK_DICTS:
-            hooks = getattr(m, attr, None)
-            if hooks is not None:
-                memo[id(hooks)] = type(hooks)()
-    return copy.deepcopy(module, memo).to(dtype).eval()
-
-
-@contextmanager
-def rng_preserved() -> Iterator[None]:
-    """Restore the torch (CPU and CUDA), numpy and python random states on exit."""
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own train flag on exit."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _inputs(batch: Any) -> Tensor:
-    x = batch[0] if isinstance(batch, (list, tuple)) else batch
-    if not isinstance(x, Tensor):
-        raise TypeError(f"ToleranceAudit expects batches (x, y) or x with a tensor x, got {type(x).__name__}")
-    return x
-
-
-def _check_output(out: Any, what: str) -> Tensor:
-    if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 1:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"ToleranceAudit needs (N, C) logits with C >= 1 from the {what} model, got {shape}")
-    return out
-
-
-class _Capture:
-    """Forward hook recording the validation loop's own low-precision logits, one forward per batch."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.inputs: list[Tensor] = []  # the converted inputs the loop passed to the module
-        self.outputs: list[Any] = []
-        self.valid = True
-        self._calls: list[tuple[Any, Any]] = []
-        self._x: Any = None
-        self._handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self.valid:
-            self._calls.append((args[0] if args else None, output))
-
-    def start(self, batch: Any, dataloader_idx: int) -> None:
-        self._calls = []
-        x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
-        self._x = x if dataloader_idx == 0 and isinstance(x, Tensor) else None
-
-    def end(self) -> None:
-        if self._x is None or len(self._calls) != 1 or self._calls[0][0] is not self._x:
-            self.valid = False  # a step that is not one plain forward of the batch: recompute instead
-        if self.valid:
-            self.inputs.append(self._x)
-            self.outputs.append(self._calls[0][1])
-        self._calls, self._x = [], None
-
-    def outputs_for(self, xs: list[Tensor], plugin: Any) -> list[Any] | None:
-        """The recorded outputs if they came from exactly ``convert_input`` of ``xs``; else None."""
-        if not self.valid or len(self.inputs) < len(xs):
-            return None
-        for x, seen in zip(xs, self.inputs, strict=False):
-            converted = plugin.convert_input(x)
-            if converted.shape[0] > seen.shape[0] or not torch.equal(converted, seen[: len(converted)]):
-                return None
-        return [out[: len(x)] if isinstance(out, Tensor) else out for x, out in zip(xs, self.outputs, strict=False)]
-
-    def close(self) -> None:
-        self._handle.remove()
 
 
 class ToleranceAudit(Callback):
@@ -166,7 +58,7 @@ class ToleranceAudit(Callback):
         self.max_samples = max_samples
         self.plot = bool(plot)
         self.last_report: dict[str, Any] | None = None
-        self._capture: _Capture | None = None
+        self._capture: ValidationCapture | None = None
         self._plotter: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._plots: list[Future[None]] = []
@@ -187,7 +79,7 @@ class ToleranceAudit(Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_capture()
         if self._audits(trainer):
-            self._capture = _Capture(pl_module)
+            self._capture = ValidationCapture(pl_module)
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -199,7 +91,7 @@ class ToleranceAudit(Callback):
         if self._capture is not None:
             self._capture.end()
 
-    def _close_capture(self) -> _Capture | None:
+    def _close_capture(self) -> ValidationCapture | None:
         capture, self._capture = self._capture, None
         if capture is not None:
             capture.close()
@@ -258,7 +150,7 @@ class ToleranceAudit(Callback):
     # -- the audit itself -------------------------------------------------------------------------------
     @torch.no_grad()
     def audit(self, trainer: L.Trainer, pl_module: L.LightningModule,
-              capture: _Capture | None = None) -> Comparison:
+              capture: ValidationCapture | None = None) -> Comparison:
         """Low-precision and reference logits on this rank's validation data, gathered over all ranks.
 
         The low-precision logits are ``with plugin.forward_context(): module(plugin.convert_input(x))``
@@ -275,7 +167,7 @@ class ToleranceAudit(Callback):
             for i, batch in enumerate(loader):
                 if i >= n_batches or (cap is not None and n >= cap):
                     break
-                x = _inputs(batch).to(pl_module.device)
+                x = batch_inputs(batch).to(pl_module.device)
                 xs.append(x if cap is None else x[: cap - n])
                 n += len(xs[-1])
             if not xs:
@@ -287,9 +179,9 @@ class ToleranceAudit(Callback):
                 for x in xs:
                     with plugin.forward_context():
                         lows.append(pl_module(plugin.convert_input(x)))
-            low = torch.cat([_check_output(o, "audited").detach().to(torch.float64) for o in lows])
+            low = torch.cat([check_logits(o, "audited").detach().to(torch.float64) for o in lows])
             reference = self._reference(pl_module, plugin)
-            ref = torch.cat([_check_output(reference(x.to(self.reference_dtype)), "reference").to(torch.float64)
+            ref = torch.cat([check_logits(reference(x.to(self.reference_dtype)), "reference").to(torch.float64)
                              for x in xs])
             del reference
         return compare(self._gather(pl_module, low, loader, world), self._gather(pl_module, ref, loader, world))

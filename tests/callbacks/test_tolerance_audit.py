@@ -109,14 +109,14 @@ def _assert_same(a: tuple, b: tuple) -> None:
 
 def test_audit_leaves_weights_optimizer_and_rng_untouched(tmp_path: Path, monkeypatch) -> None:
     dropout = {"dropout": 0.3}  # dropout draws from the global RNG, so a consumed stream changes the weights
-    model, trainer = _fit(tmp_path / "a", [], epochs=3, net_kwargs=dropout)
+    model, trainer = _fit(tmp_path / "a", [], epochs=2, net_kwargs=dropout)
     plain = _final_state(trainer, model)
-    model, trainer = _fit(tmp_path / "b", [ToleranceAudit(plot=False)], epochs=3, net_kwargs=dropout)
+    model, trainer = _fit(tmp_path / "b", [ToleranceAudit(plot=False)], epochs=2, net_kwargs=dropout)
     assert model.training  # train mode is restored after each audit
     _assert_same(plain, _final_state(trainer, model))
     # the test can fail: without restoring the RNG streams, iterating the val loader shifts them
     monkeypatch.setattr(ta, "rng_preserved", contextlib.nullcontext)
-    model, trainer = _fit(tmp_path / "c", [ToleranceAudit(plot=False)], epochs=3, net_kwargs=dropout)
+    model, trainer = _fit(tmp_path / "c", [ToleranceAudit(plot=False)], epochs=2, net_kwargs=dropout)
     with pytest.raises(AssertionError):
         _assert_same(plain, _final_state(trainer, model))
 
