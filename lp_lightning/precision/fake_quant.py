@@ -89,8 +89,9 @@ class FakeQuantPrecision(Precision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Swap the eligible layers in place (idempotent: already fake-quant layers are kept)."""
         unmatched = [e for e in self.skip if not any(matches(n, [e]) for n, _ in module.named_modules())]
-        if unmatched:
-            rank_zero_warn(f"FakeQuantPrecision(skip=...): {unmatched} match no module of {type(module).__name__}")
+        if unmatched:  # shared configs name layers of several nets; only a skip list matching nothing warns
+            say = rank_zero_warn if len(unmatched) == len(self.skip) else rank_zero_info
+            say(f"FakeQuantPrecision(skip=...): {unmatched} match no module of {type(module).__name__}")
         names = quantize_modules(module, self.spec, self.skip)
         if not names:
             raise ValueError(f"FakeQuantPrecision found no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d) in "

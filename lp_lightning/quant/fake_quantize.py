@@ -41,16 +41,21 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     """Affine fake quantization; backward passes the gradient where the value was not clamped."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-        q = torch.round(x * torch.reciprocal(scale)).add_(zero_point)
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+        q = torch.round(x * torch.reciprocal(scale))
+        if zero_point is not None:
+            q.add_(zero_point)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward((q >= qmin) & (q <= qmax))
-        return q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        q.clamp_(qmin, qmax)
+        if zero_point is not None:
+            q.sub_(zero_point)
+        return q.mul_(scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None
+        return torch.where(mask, grad, 0.0), None, None, None, None
 
 
 def fake_quantize_per_tensor(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -60,9 +65,14 @@ def fake_quantize_per_tensor(x: Tensor, scale: Tensor, zero_point: Tensor, qmin:
     return _FakeQuantizeSTE.apply(x, scale, zero_point.float(), qmin, qmax)
 
 
-def fake_quantize_per_channel(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """``torch.fake_quantize_per_channel_affine`` along axis 0 (``scale``/``zero_point`` of shape ``(C,)``)."""
+def fake_quantize_per_channel(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                              symmetric: bool = False) -> Tensor:
+    """``torch.fake_quantize_per_channel_affine`` along axis 0 (``scale``/``zero_point`` of shape ``(C,)``).
+
+    ``symmetric=True`` promises that ``zero_point`` is all zeros and skips adding/subtracting it.
+    """
     if _use_torch_ops(x):
         return torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, qmin, qmax)
     shape = (-1,) + (1,) * (x.dim() - 1)
-    return _FakeQuantizeSTE.apply(x, scale.reshape(shape), zero_point.float().reshape(shape), qmin, qmax)
+    zp = None if symmetric else zero_point.float().reshape(shape)
+    return _FakeQuantizeSTE.apply(x, scale.reshape(shape), zp, qmin, qmax)

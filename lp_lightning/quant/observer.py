@@ -57,13 +57,12 @@ class MovingAverageMinMaxObserver(nn.Module):
         if self._frozen:
             return
         lo, hi = torch.aminmax(x.detach())
-        lo, hi = lo.float(), hi.float()
         if self._initialized:
-            c = self.averaging_constant
-            lo = self.min_val + c * (lo - self.min_val)
-            hi = self.max_val + c * (hi - self.max_val)
-        self.min_val.copy_(lo)
-        self.max_val.copy_(hi)
+            self.min_val.lerp_(lo.float(), self.averaging_constant)
+            self.max_val.lerp_(hi.float(), self.averaging_constant)
+        else:
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
         scale, zero_point = affine_qparams(self.min_val, self.max_val, self.bits)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)

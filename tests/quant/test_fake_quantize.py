@@ -26,14 +26,15 @@ def test_per_tensor_matches_torch(seed: int, qmin: int, qmax: int) -> None:
     assert torch.equal(gf, gr) and (gr == 0).any()  # some values were clamped: the mask matters
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (-8, 7)])
 @pytest.mark.parametrize("shape", [(16, 40), (8, 3, 3, 3), (6, 4, 5)])
-def test_per_channel_matches_torch(shape: tuple[int, ...], qmin: int, qmax: int) -> None:
+def test_per_channel_matches_torch(shape: tuple[int, ...], qmin: int, qmax: int, symmetric: bool) -> None:
     torch.manual_seed(0)
     w = torch.randn(shape, requires_grad=True)
     scale = w.detach().reshape(shape[0], -1).abs().amax(1) / (qmax - 1)  # some weights clamp
     zp = torch.zeros(shape[0], dtype=torch.int32)
-    fast = fake_quantize_per_channel(w, scale, zp, qmin, qmax)
+    fast = fake_quantize_per_channel(w, scale, zp, qmin, qmax, symmetric=symmetric)
     ref = torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax)
     assert torch.equal(fast, ref)
     g = torch.randn_like(w)

@@ -3,11 +3,12 @@
     python -m lp_lightning.tools.bench.qat_speed [--nets mlp cnn --batch 256 --rounds 30 --epochs 10 --out r.json]
 
 Speed: one step = forward + cross-entropy + backward + SGD step on a digits-shaped batch (1x8x8 images),
-variants interleaved round by round in ONE process (median per variant), so load on the machine hits every
+variants interleaved round by round in ONE process (medians per variant), so load on the machine hits every
 variant alike; reported as ratios to fp32 (goal for int8: <= 1.5x). Variants:
   fp32       plain model
   fq_int8    ours, w8a8: int8 per-channel weights, int8 per-tensor static activations (moving-average observer)
   fq_int4w   ours, int4 weights per group of 32 (Linear) / per channel (Conv), int8 activations
+  fq_int8_torch_ops  fq_int8 calling torch's fake-quantize kernels directly (``torch_fake_quant_ops()``)
   ao_int8    torchao ``quantize_(m, QATConfig(activation_config=int8 per-token asymmetric,
              weight_config=int8 per-channel symmetric, step="prepare"))`` (Linear only: MLP)
   ao_int4w   torchao, int4 weights per group of 32 + int8 per-token activations (MLP)
@@ -32,8 +33,9 @@ from lp_lightning.io import write_json
 from lp_lightning.models.nets import build_net
 from lp_lightning.precision.fake_quant import FakeQuantPrecision
 from lp_lightning.precision.fp8 import _quiet_torchao_import
+from lp_lightning.quant import torch_fake_quant_ops
 
-VARIANTS = ("fp32", "fq_int8", "fq_int4w", "ao_int8", "ao_int4w")
+VARIANTS = ("fp32", "fq_int8", "fq_int4w", "fq_int8_torch_ops", "ao_int8", "ao_int4w")
 TORCHAO_NETS = ("mlp",)  # torchao QAT swaps nn.Linear only
 
 
@@ -52,7 +54,7 @@ def torchao_qat(model: nn.Module, weight: str) -> nn.Module:
 def build(variant: str, net: str, base: nn.Module) -> nn.Module:
     """A copy of ``base`` prepared for ``variant`` (same initial weights for every variant)."""
     model = copy.deepcopy(base)
-    if variant == "fq_int8":
+    if variant in ("fq_int8", "fq_int8_torch_ops"):
         FakeQuantPrecision("int8", "int8").convert_module(model)
     elif variant == "fq_int4w":
         skip = ["patch_embed"] if net == "vit" else []
@@ -62,34 +64,41 @@ def build(variant: str, net: str, base: nn.Module) -> nn.Module:
     return model
 
 
-def make_step(model: nn.Module, x: Tensor, y: Tensor, lr: float = 0.05) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+def make_step(model: nn.Module, x: Tensor, y: Tensor, torch_ops: bool = False) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        with torch_fake_quant_ops(torch_ops):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
 
     return step
 
 
-def time_steps(net: str, variants: list[str], batch: int, rounds: int) -> dict[str, float]:
-    """Median seconds per training step of each variant, interleaved round by round."""
+def time_steps(net: str, variants: list[str], batch: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds per training step of each variant, interleaved round by round.
+
+    On a shared machine a step is often preempted, which inflates wall time by whole scheduler time slices;
+    the process CPU time (with ``--threads 1``) counts only the work done, so it is reported too.
+    """
     torch.manual_seed(0)
     base = build_net(net, (1, 8, 8), 10)
     x, y = torch.randn(batch, 1, 8, 8), torch.randint(0, 10, (batch,))
-    steps = {v: make_step(build(v, net, base), x, y) for v in variants}
+    steps = {v: make_step(build(v, net, base), x, y, v.endswith("torch_ops")) for v in variants}
     for step in steps.values():  # warm-up
         step()
         step()
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):
         for v, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
-            times[v].append(time.perf_counter() - start)
-    return {v: statistics.median(t) for v, t in times.items()}
+            cpu[v].append(time.process_time() - start_cpu)
+            wall[v].append(time.perf_counter() - start)
+    return {v: (statistics.median(wall[v]), statistics.median(cpu[v])) for v in variants}
 
 
 def accuracy_after_training(net: str, variants: list[str], epochs: int, batch: int = 64) -> dict[str, float]:
@@ -128,21 +137,26 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report: dict = {"batch": args.batch, "rounds": args.rounds, "threads": args.threads, "speed": {}}
-    print(f"{'net':5} {'variant':9} {'ms/step':>8} {'x fp32':>7} {'x torchao':>9}")
+    print(f"{'net':5} {'variant':17} {'wall':>8} {'x fp32':>7} {'cpu':>8} {'x fp32':>7} "
+          f"{'x torchao':>9} {'(cpu)':>9}   (median ms per step)")
     for net in args.nets:
         variants = [v for v in args.variants if not v.startswith("ao_") or net in TORCHAO_NETS]
         if "fp32" not in variants:
             variants.insert(0, "fp32")
-        med = time_steps(net, variants, args.batch, args.rounds)
+        timed = time_steps(net, variants, args.batch, args.rounds)
         rows = {}
-        for v, t in med.items():
-            ao = "ao_" + v.removeprefix("fq_") if v.startswith("fq_") else None
-            rows[v] = {"ms_per_step": 1e3 * t, "ratio_to_fp32": t / med["fp32"],
-                       "ratio_to_torchao": t / med[ao] if ao in med else None}
-            vs_ao = f"{rows[v]['ratio_to_torchao']:9.2f}" if ao in med else f"{'':9}"
-            print(f"{net:5} {v:9} {1e3 * t:8.2f} {t / med['fp32']:7.2f} {vs_ao}", flush=True)
+        for v, (t, t_cpu) in timed.items():
+            ao = "ao_" + v.removeprefix("fq_").removesuffix("_torch_ops") if v.startswith("fq_") else None
+            rows[v] = {"ms_per_step": 1e3 * t, "ratio_to_fp32": t / timed["fp32"][0],
+                       "ratio_to_torchao": t / timed[ao][0] if ao in timed else None,
+                       "cpu_ms_per_step": 1e3 * t_cpu, "cpu_ratio_to_fp32": t_cpu / timed["fp32"][1],
+                       "cpu_ratio_to_torchao": t_cpu / timed[ao][1] if ao in timed else None}
+            vs_ao = (f"{rows[v]['ratio_to_torchao']:9.2f} {rows[v]['cpu_ratio_to_torchao']:9.2f}" if ao in timed
+                     else f"{'':19}")
+            print(f"{net:5} {v:17} {1e3 * t:8.2f} {rows[v]['ratio_to_fp32']:7.2f} {1e3 * t_cpu:8.2f} "
+                  f"{rows[v]['cpu_ratio_to_fp32']:7.2f} {vs_ao}", flush=True)
         report["speed"][net] = rows
-    acc_variants = [v for v in args.variants if v != "fp32"]
+    acc_variants = [v for v in args.variants if v != "fp32" and not v.endswith("torch_ops")]  # same numerics
     if args.epochs > 0:
         acc = accuracy_after_training("mlp", ["fp32", *acc_variants], args.epochs)
         report["accuracy_mlp"] = {"epochs": args.epochs, "test_acc": acc}
