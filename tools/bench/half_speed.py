@@ -121,6 +121,34 @@ def speed(net: str, rounds: int, steps: int, batch_size: int, accelerator: str,
     return row
 
 
+def plain_speed(net: str, rounds: int, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """Best step time of a plain torch loop (no Lightning): fp32 vs each 16-bit dtype and compute mode."""
+    from contextlib import nullcontext
+
+    import torch.nn.functional as F
+
+    from lp_lightning.models.nets import build_net
+    from lp_lightning.precision.fp32_compute import Fp32Accumulate
+
+    x = torch.randn(batch_size, 1, 8, 8, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    cases = {"fp32": (torch.float32, None), "fp16 fp32_accumulate": (torch.float16, "acc"),
+             "bf16 native": (torch.bfloat16, None), "bf16 fp32_accumulate": (torch.bfloat16, "acc")}
+    nets = {k: build_net(net, (1, 8, 8), 10, **NET_KWARGS[net]).to(device, dt) for k, (dt, _) in cases.items()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, foreach=False) for k, m in nets.items()}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for k, (dt, mode) in cases.items():
+            start = time.perf_counter()
+            with Fp32Accumulate(dt) if mode else nullcontext():
+                F.cross_entropy(nets[k](x.to(dt)).float(), y).backward()
+            opts[k].step()
+            opts[k].zero_grad()
+            times[k].append(time.perf_counter() - start)
+    best = {k: min(v[1:]) * 1e3 for k, v in times.items()}
+    return {"model": net, "best_ms": best, "vs_fp32": {k: v / best["fp32"] for k, v in best.items()}}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=sorted(NET_KWARGS))
@@ -131,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--stat", choices=["min", "median"], default="min",
                         help="step-time statistic of the ratios (min: robust on a shared, loaded machine)")
     parser.add_argument("--skip-speed", action="store_true", help="memory table only")
+    parser.add_argument("--plain-rounds", type=int, default=0,
+                        help="also time a plain torch loop (no Lightning) for this many interleaved rounds")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
     if args.threads:
@@ -172,6 +202,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("|---|" + "---:|" * len(keys))
         for r in result["speed"]:
             print(f"| {r['model']} | " + " | ".join(f"{r[k]:.2f}x" for k in keys) + " |")
+    if args.plain_rounds:
+        result["plain"] = [plain_speed(net, args.plain_rounds, args.batch_size, device) for net in args.models]
+        names = list(result["plain"][0]["best_ms"])
+        print(f"\nPlain torch loop, best of {args.plain_rounds} interleaved rounds, batch {args.batch_size}\n")
+        print("| model | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
+        for r in result["plain"]:
+            print(f"| {r['model']} | " + " | ".join(f"{r['best_ms'][n]:.2f} ms ({r['vs_fp32'][n]:.2f}x)"
+                                                   for n in names) + " |")
     if args.out:
         write_json(args.out, result)
     return result
