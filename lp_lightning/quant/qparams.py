@@ -32,7 +32,7 @@ def symmetric_weight_scale(weight: Tensor, bits: int, group_size: int | None = N
     w = weight.detach().float().reshape(weight.shape[0], -1)
     if group_size is not None:
         w = w.reshape(w.shape[0], -1, group_size)
-    amax = torch.linalg.vector_norm(w, ord=float("inf"), dim=-1)  # max |w| in one pass
+    amax = w.abs().amax(dim=-1)  # much faster on CPU than linalg.vector_norm(ord=inf) or aminmax(dim)
     return torch.clamp(amax / float(2 ** (bits - 1) - 1), min=EPS)
 
 
@@ -40,15 +40,16 @@ def fake_quantize_weight(weight: Tensor, scale: Tensor, zero_point: Tensor, bits
                          group_size: int | None = None) -> Tensor:
     """Per-channel fake quantization of the weight (torch's op or its exact equivalent; straight-through).
 
-    ``zero_point`` must be zeros (symmetric weights).
+    ``zero_point`` must be zeros (symmetric weights) and ``scale`` from ``symmetric_weight_scale`` (nothing clips).
 
     Per group: the weight is viewed as ``(out * K // group_size, group_size)`` so each row is one group.
     """
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if group_size is None:
-        return fake_quantize_per_channel(weight, scale, zero_point, qmin, qmax, symmetric=True)
+        return fake_quantize_per_channel(weight, scale, zero_point, qmin, qmax, symmetric=True, clips=False)
     rows = weight.reshape(-1, group_size)
-    out = fake_quantize_per_channel(rows, scale.reshape(-1), zero_point.reshape(-1), qmin, qmax, symmetric=True)
+    out = fake_quantize_per_channel(rows, scale.reshape(-1), zero_point.reshape(-1), qmin, qmax, symmetric=True,
+                                    clips=False)
     return out.reshape(weight.shape)
 
 

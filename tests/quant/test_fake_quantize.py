@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lp_lightning.quant import fake_quantize_per_channel, fake_quantize_per_tensor, torch_fake_quant_ops
+from lp_lightning.quant import (
+    fake_quantize_per_channel,
+    fake_quantize_per_tensor,
+    fake_quantize_weight,
+    symmetric_weight_scale,
+    torch_fake_quant_ops,
+)
 
 
 @pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (-8, 7)])
@@ -46,3 +52,17 @@ def test_torch_ops_can_be_forced() -> None:
     with torch_fake_quant_ops():
         out = fake_quantize_per_tensor(x, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), -128, 127)
     assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -128, 127))
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (4, None), (4, 8)])
+def test_weight_path_without_mask_matches_torch(bits: int, group_size: int | None) -> None:
+    torch.manual_seed(1)
+    w = torch.randn(12, 32, requires_grad=True)
+    scale = symmetric_weight_scale(w, bits, group_size)
+    zp = torch.zeros(scale.shape, dtype=torch.int32)
+    fast = fake_quantize_weight(w, scale, zp, bits, group_size)
+    with torch_fake_quant_ops():
+        ref = fake_quantize_weight(w, scale, zp, bits, group_size)
+    assert torch.equal(fast, ref)
+    g = torch.randn_like(w)
+    assert torch.equal(torch.autograd.grad(fast, w, g)[0], torch.autograd.grad(ref, w, g)[0])

@@ -77,14 +77,15 @@ def make_step(model: nn.Module, x: Tensor, y: Tensor, torch_ops: bool = False) -
     return step
 
 
-def time_steps(net: str, variants: list[str], batch: int, rounds: int) -> dict[str, tuple[float, float]]:
+def time_steps(net: str, variants: list[str], batch: int, rounds: int,
+               net_kwargs: dict | None = None) -> dict[str, tuple[float, float]]:
     """Median (wall, CPU) seconds per training step of each variant, interleaved round by round.
 
     On a shared machine a step is often preempted, which inflates wall time by whole scheduler time slices;
     the process CPU time (with ``--threads 1``) counts only the work done, so it is reported too.
     """
     torch.manual_seed(0)
-    base = build_net(net, (1, 8, 8), 10)
+    base = build_net(net, (1, 8, 8), 10, **(net_kwargs or {}))
     x, y = torch.randn(batch, 1, 8, 8), torch.randint(0, 10, (batch,))
     steps = {v: make_step(build(v, net, base), x, y, v.endswith("torch_ops")) for v in variants}
     for step in steps.values():  # warm-up
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--nets", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "vit"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--mlp-hidden", type=int, nargs="+", default=None,
+                        help="hidden widths of the timed MLP (default: the mlp net's 256 256)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of the MLP accuracy comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings steady)")
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         variants = [v for v in args.variants if not v.startswith("ao_") or net in TORCHAO_NETS]
         if "fp32" not in variants:
             variants.insert(0, "fp32")
-        timed = time_steps(net, variants, args.batch, args.rounds)
+        kwargs = {"hidden": args.mlp_hidden} if net == "mlp" and args.mlp_hidden else None
+        timed = time_steps(net, variants, args.batch, args.rounds, kwargs)
         rows = {}
         for v, (t, t_cpu) in timed.items():
             ao = "ao_" + v.removeprefix("fq_").removesuffix("_torch_ops") if v.startswith("fq_") else None
