@@ -135,7 +135,6 @@ def test_hooks_removed_when_training_fails(tmp_path: Path) -> None:
     assert _hooks(model) == 0 and monitor._handles == []
 
 
-@pytest.mark.slow
 def test_ddp_two_ranks_one_summary(tmp_path: Path) -> None:
     body = f"""
     from lightning.pytorch.loggers import CSVLogger

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 from tests.ddp import run_ddp_script
 
 DDP_BODY = """
@@ -39,7 +37,6 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.slow
 def test_ddp_fp16_dynamic_scale(tmp_path):
     proc = run_ddp_script(DDP_BODY, tmp_path)
     lines = re.findall(r"RANK (\d) same=(\w+) scale=(\S+) top=(\S+) skipped=(\d+) acc=(\S+)", proc.stdout)
