@@ -40,7 +40,7 @@ class FakeQuantPrecision(Precision):
             (``None``: never); the step count is in this plugin's state, so a resumed run freezes on time.
         skip: layers kept in float32, by fully-qualified name (``"net.classifier"``), trailing part
             (``"classifier"``) or glob. Default: none, so the whole model can run as an integer graph;
-            ``conf/precision/int4w.yaml`` keeps the first layer and the head in float32.
+            ``conf/precision/int4w.yaml`` keeps the cnn stem, the vit patch embedding and the head in float32.
         averaging_constant: weight of each new batch in the observers' moving average.
 
     After ``convert_module``, ``converted_layers`` lists the fake-quant layers (also logged).
