@@ -4,6 +4,16 @@ from lp_lightning.audit.epsilon import EpsCheck, UnsafeEpsilonError, check_optim
 from lp_lightning.audit.overflow import tensor_stats
 from lp_lightning.audit.tolerance import certificate, compare, error, summarize, tolerance
 
-__all__: list[str] = []
-__all__ += ["certificate", "compare", "error", "summarize", "tolerance"]
-__all__ += ["EpsCheck", "UnsafeEpsilonError", "check_optimizer", "fix_optimizer", "safe_eps", "tensor_stats"]
+__all__ = [
+    "EpsCheck",
+    "UnsafeEpsilonError",
+    "certificate",
+    "check_optimizer",
+    "compare",
+    "error",
+    "fix_optimizer",
+    "safe_eps",
+    "summarize",
+    "tensor_stats",
+    "tolerance",
+]

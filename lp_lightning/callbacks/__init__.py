@@ -4,6 +4,4 @@ from lp_lightning.callbacks.epsilon_guard import EpsilonGuard
 from lp_lightning.callbacks.numerics_monitor import NumericsMonitor
 from lp_lightning.callbacks.tolerance_audit import ToleranceAudit
 
-__all__: list[str] = []
-__all__ += ["ToleranceAudit"]
-__all__ += ["EpsilonGuard", "NumericsMonitor"]
+__all__ = ["EpsilonGuard", "NumericsMonitor", "ToleranceAudit"]

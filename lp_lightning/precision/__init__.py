@@ -4,4 +4,4 @@ from lp_lightning.precision.fake_quant import FakeQuantPrecision
 from lp_lightning.precision.fp8 import Float8Precision
 from lp_lightning.precision.half import PureHalfPrecision
 
-__all__: list[str] = ["FakeQuantPrecision", "Float8Precision", "PureHalfPrecision"]
+__all__ = ["FakeQuantPrecision", "Float8Precision", "PureHalfPrecision"]
