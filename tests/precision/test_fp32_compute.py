@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lp_lightning.precision import PureHalfPrecision, fp32_compute
-from lp_lightning.precision.fp32_compute import Fp32Accumulate, resolve_compute
+from lp_lightning.precision.fp32_compute import Fp32Accumulate, _SavedAs16Bit, resolve_compute
 
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -22,14 +22,25 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _saved_dtypes(fn):
-    """Run ``fn`` and return (its output, the dtypes of every tensor autograd saved for backward)."""
+def _saved_dtypes(fn, monkeypatch):
+    """Run ``fn``; return (its output, the dtypes of every tensor autograd stored for backward).
+
+    Products store their saved tensors through ``_SavedAs16Bit.pack`` (the innermost hooks win), every
+    other op through the outer hooks here: both are recorded.
+    """
     dtypes: set[torch.dtype] = set()
+    original = _SavedAs16Bit.pack
+
+    def spy(self, t):
+        packed = original(self, t)
+        dtypes.add((packed if isinstance(packed, torch.Tensor) else packed[0]).dtype)
+        return packed
 
     def pack(t):
         dtypes.add(t.dtype)
         return t
 
+    monkeypatch.setattr(_SavedAs16Bit, "pack", spy)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, dtypes
@@ -37,7 +48,7 @@ def _saved_dtypes(fn):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layer", ["linear", "conv", "bmm", "matmul3d"])
-def test_products_are_fp32_rounded_to_16bit(dtype, layer):
+def test_products_are_fp32_rounded_to_16bit(dtype, layer, monkeypatch):
     torch.manual_seed(0)
     if layer == "linear":
         mod = nn.Linear(32, 16).to(dtype)
@@ -58,10 +69,10 @@ def test_products_are_fp32_rounded_to_16bit(dtype, layer):
         ref = lambda inp: op(inp.float(), mod.weight.float())  # noqa: E731
 
     with Fp32Accumulate(dtype):
-        out, saved = _saved_dtypes(lambda: fn(x))
+        out, saved = _saved_dtypes(lambda: fn(x), monkeypatch)
         out.float().square().sum().backward()
     assert out.dtype == dtype
-    assert saved <= {dtype, torch.int64}, saved  # no fp32 copy is kept for backward
+    assert dtype in saved and saved <= {dtype, torch.int64}, saved  # no fp32 copy is kept for backward
     torch.testing.assert_close(out, ref(x).to(dtype), rtol=0, atol=0)  # fp32 result rounded once
 
     grads = [x.grad, *[p.grad for p in mod.parameters()]]
@@ -78,25 +89,62 @@ def test_other_dtypes_pass_through():
         assert (a.bfloat16() @ b.bfloat16()).dtype == torch.bfloat16
 
 
-def test_plugin_applies_mode_in_forward_and_backward():
-    seen: list[str] = []
+def test_plugin_applies_mode_in_forward_and_backward(monkeypatch):
+    seen: list[object] = []
     plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
     mod = plugin.convert_module(nn.Linear(8, 4))
-    original = Fp32Accumulate.__torch_dispatch__
+    original = Fp32Accumulate.__torch_function__
 
     def spy(self, func, types, args=(), kwargs=None):
-        seen.append(func.__name__)
+        seen.append(func)
         return original(self, func, types, args, kwargs)
 
-    Fp32Accumulate.__torch_dispatch__ = spy
-    try:
-        with plugin.forward_context():
-            loss = mod(plugin.convert_input(torch.randn(2, 8))).float().sum()
-        plugin.backward(loss, _NoHooks(), None)
-    finally:
-        Fp32Accumulate.__torch_dispatch__ = original
-    assert "addmm.default" in seen and "mm.default" in seen  # forward addmm, backward mm
+    monkeypatch.setattr(Fp32Accumulate, "__torch_function__", spy)
+    with plugin.forward_context():
+        loss = mod(plugin.convert_input(torch.randn(2, 8))).float().sum()
+    plugin.backward(loss, _NoHooks(), None)
+    assert F.linear in seen
     assert mod.weight.grad.dtype == torch.float16
+    # the backward ran the fp32 kernel: the gradient is the fp32 product rounded once
+    x16 = plugin.convert_input(torch.ones(2, 8))
+    want = torch.ones(4, 2) @ x16.float()
+    mod.weight.grad = None
+    with plugin.forward_context():
+        loss = mod(x16).float().sum()
+    plugin.backward(loss, _NoHooks(), None)
+    torch.testing.assert_close(mod.weight.grad, want.half(), rtol=0, atol=0)
+
+
+def test_views_of_operands_are_stored_as_the_operand(monkeypatch):
+    w = torch.randn(16, 32).half().requires_grad_()
+    x = torch.randn(8, 32).half().requires_grad_()
+    stored: list[object] = []
+    original = _SavedAs16Bit.pack
+
+    def spy(self, t):
+        packed = original(self, t)
+        stored.append(packed)
+        return packed
+
+    monkeypatch.setattr(_SavedAs16Bit, "pack", spy)
+    with Fp32Accumulate(torch.float16):
+        out = F.linear(x, w)
+    assert any(p[0] is w and p[2] is not None for p in stored)  # w.t(): the operand itself plus strides
+    assert any(p[0] is x and p[2] is None for p in stored)
+    out.float().sum().backward()
+    torch.testing.assert_close(w.grad, (torch.ones(16, 8) @ x.float()).half(), rtol=0, atol=0)
+
+
+def test_no_grad_products_keep_16bit_results(monkeypatch):
+    a, b = torch.randn(4, 8).half(), torch.randn(8, 3).half()
+    upcast: list[torch.Tensor] = []
+    original = fp32_compute._up
+    monkeypatch.setattr(fp32_compute, "_up", lambda v, *rest: upcast.append(v) or original(v, *rest))
+    with torch.no_grad(), Fp32Accumulate(torch.float16):
+        out = a @ b
+    assert len(upcast) == 2 and upcast[0] is a and upcast[1] is b  # the @ operator is intercepted
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, (a.float() @ b.float()).half(), rtol=0, atol=0)
 
 
 class _NoHooks:
@@ -134,12 +182,47 @@ def test_auto_choice_is_logged_once(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_matches_fp32_and_keeps_16bit(dtype):
+def test_attention_matches_fp32_and_keeps_16bit(dtype, monkeypatch):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 16, 8).to(dtype).requires_grad_() for _ in range(3))
+    stored: list[torch.Tensor] = []
+    original = _SavedAs16Bit.pack
+
+    def spy(self, t):
+        packed = original(self, t)
+        stored.append(packed if isinstance(packed, torch.Tensor) else packed[0])
+        return packed
+
+    monkeypatch.setattr(_SavedAs16Bit, "pack", spy)
     with Fp32Accumulate(dtype):
         out = F.scaled_dot_product_attention(q, k, v)
-        out.float().sum().backward()
+    out.float().sum().backward()
+    # q, k, v and the output are stored in 16 bits; only the per-row logsumexp stays fp32, as natively
+    assert {t.dtype for t in stored if t.dim() == 4} == {dtype}
+    assert {t.dtype for t in stored if t.dim() == 3} <= {torch.float32}
     ref = F.scaled_dot_product_attention(q.detach().float(), k.detach().float(), v.detach().float())
     assert out.dtype == dtype and {t.grad.dtype for t in (q, k, v)} == {dtype}
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_attention_with_keyword_arguments():
+    q, k, v = (torch.randn(1, 2, 4, 8).half().requires_grad_() for _ in range(3))
+    with Fp32Accumulate(torch.float16):
+        out = F.scaled_dot_product_attention(query=q, key=k, value=v)
+    out.float().sum().backward()
+    ref = F.scaled_dot_product_attention(q.detach().float(), k.detach().float(), v.detach().float())
+    assert out.dtype == torch.float16 and q.grad.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_cpu_convolutions_run_channels_last_with_nchw_parameters():
+    conv = nn.Conv2d(3, 8, 3, padding=1).half()
+    x = torch.randn(4, 3, 8, 8).half().requires_grad_()
+    with Fp32Accumulate(torch.float16):
+        out = conv(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the fp32 kernel ran channels-last
+    out.float().square().sum().backward()
+    assert conv.weight.grad.is_contiguous() and conv.weight.grad.dtype == torch.float16
+    ref = F.conv2d(x.detach().float(), conv.weight.float(), conv.bias.float(), padding=1)
+    torch.testing.assert_close(out, ref.half(), rtol=0, atol=0)
+    assert out.flatten(1).shape == (4, 8 * 8 * 8)
