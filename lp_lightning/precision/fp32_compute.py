@@ -68,18 +68,23 @@ class _SavedAs16Bit:
             return t
         up = self.upcast.get(id(t))
         if up is not None:
-            return up[0], up[1], None
+            return up[0], up[1], None, up[0]._version
         base = t._base
         up = self.upcast.get(id(base)) if base is not None else None
         if up is not None:
-            return up[0], up[1], (t.size(), t.stride(), t.storage_offset())
-        return t.to(self.low), torch.preserve_format, None
+            return up[0], up[1], (t.size(), t.stride(), t.storage_offset()), up[0]._version
+        low = t.to(self.low)
+        return low, torch.preserve_format, None, low._version
 
     @staticmethod
     def unpack(packed: Any) -> Tensor:
         if isinstance(packed, Tensor):
             return packed
-        operand, memory_format, view = packed
+        operand, memory_format, view, version = packed
+        if operand._version != version:  # what autograd checks for the tensors it saves itself
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               f"inplace operation: a {operand.dtype} operand of shape {tuple(operand.shape)} "
+                               f"saved by Fp32Accumulate is at version {operand._version}; expected {version}")
         # the same layout as the fp32 copy made in forward, so the view geometry applies
         up = operand.to(torch.float32, memory_format=memory_format)
         return up if view is None else up.as_strided(*view)

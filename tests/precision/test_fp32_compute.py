@@ -226,3 +226,13 @@ def test_cpu_convolutions_run_channels_last_with_nchw_parameters():
     ref = F.conv2d(x.detach().float(), conv.weight.float(), conv.bias.float(), padding=1)
     torch.testing.assert_close(out, ref.half(), rtol=0, atol=0)
     assert out.flatten(1).shape == (4, 8 * 8 * 8)
+
+
+def test_inplace_change_of_a_saved_operand_is_detected():
+    w = torch.randn(4, 8).half().requires_grad_()
+    x = torch.randn(2, 8).half()
+    with Fp32Accumulate(torch.float16):
+        out = F.linear(x, w)
+    x.mul_(2)  # x is stored for the weight gradient
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.float().sum().backward()
