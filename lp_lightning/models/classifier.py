@@ -93,6 +93,12 @@ class Classifier(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-apply module swaps recorded by structural plugins (fake-quant) so a resumed fit loads its state."""
+        from lp_lightning.models.checkpoint import restore_structure  # checkpoint.py imports this module
+
+        restore_structure(self, checkpoint)
+
     @torch.no_grad()
     def predict_logits(self, x: Tensor) -> Tensor:
         """Logits for a batch in eval mode, restoring the previous mode."""

@@ -16,7 +16,7 @@ from torch import nn
 from lp_lightning.config import precision_kwargs
 from lp_lightning.data import DigitsDataModule
 from lp_lightning.models import Classifier
-from lp_lightning.models.checkpoint import load_classifier, restore_structure
+from lp_lightning.models.checkpoint import load_classifier
 from lp_lightning.precision import FakeQuantPrecision
 from lp_lightning.quant import FakeQuantModule, convert, fake_quant_layers
 from tests.conftest import compose_train, fit_classifier
@@ -140,13 +140,6 @@ class _FrozenLog(Callback):
         self.history.append((trainer.global_step, frozen.pop()))
 
 
-class _Resumable(Classifier):
-    """What ``load_classifier`` does, on resume: rebuild the fake-quant structure before the state loads."""
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_structure(self, checkpoint)
-
-
 def test_observers_freeze_after_n_steps_also_across_a_resume(tmp_path: Path) -> None:
     dm = DigitsDataModule(batch_size=64)
 
@@ -158,14 +151,14 @@ def test_observers_freeze_after_n_steps_also_across_a_resume(tmp_path: Path) -> 
     torch.manual_seed(0)
     first, log1 = FakeQuantPrecision(freeze_observers_after=6), _FrozenLog()
     t1 = trainer(first, 1, log1)
-    model = _Resumable(net="mlp", input_shape=[1, 8, 8], num_classes=10)
+    model = Classifier(net="mlp", input_shape=[1, 8, 8], num_classes=10)
     t1.fit(model, datamodule=dm)
     assert log1.history == [(1, False), (2, False), (3, False), (4, False)]
     t1.save_checkpoint(tmp_path / "e1.ckpt")
 
     second, log2 = FakeQuantPrecision(freeze_observers_after=6), _FrozenLog()
     t2 = trainer(second, 3, log2)
-    fresh = _Resumable(net="mlp", input_shape=[1, 8, 8], num_classes=10)
+    fresh = Classifier(net="mlp", input_shape=[1, 8, 8], num_classes=10)
     t2.fit(fresh, datamodule=dm, ckpt_path=tmp_path / "e1.ckpt")
     assert second.steps == t2.global_step == 12
     assert log2.history == [(s, s >= 6) for s in range(5, 13)]
