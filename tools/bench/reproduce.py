@@ -88,15 +88,26 @@ def export_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+class _Tee(io.StringIO):
+    """Keeps what is written and echoes it, so long benchmarks still show their progress lines."""
+
+    def __init__(self, echo: Any) -> None:
+        super().__init__()
+        self.echo = echo
+
+    def write(self, text: str) -> int:
+        self.echo.write(text)
+        self.echo.flush()
+        return super().write(text)
+
+
 def captured(fn: Callable[[], Any]) -> tuple[Any, str, float]:
-    """Run ``fn`` with stdout captured (still echoed at the end); return result, text and seconds."""
-    buf = io.StringIO()
+    """Run ``fn`` with its stdout kept (and echoed live); return result, text and seconds."""
+    buf = _Tee(sys.stdout)
     start = time.perf_counter()
     with contextlib.redirect_stdout(buf):
         result = fn()
-    text = buf.getvalue()
-    print(text, end="", flush=True)
-    return result, text, time.perf_counter() - start
+    return result, buf.getvalue(), time.perf_counter() - start
 
 
 def machine() -> dict[str, Any]:
