@@ -13,15 +13,6 @@ from lp_lightning.precision.fp32_compute import Fp32Accumulate, _SavedAs16Bit, r
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two threads stall on every parallel op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _saved_dtypes(fn, monkeypatch):
     """Run ``fn``; return (its output, the dtypes of every tensor autograd stored for backward).
 

@@ -28,7 +28,7 @@ if __name__ == "__main__":
 
 def test_fp8_trains_under_ddp(tmp_path: Path) -> None:
     proc = run_ddp_script(DDP_BODY, tmp_path)
-    lines = re.findall(r"RANK (\d) converted=(\d+) same=(\w+) default=(\S+) acc=(\S+)", proc.stdout)
+    lines = re.findall(r"RANK (\d) converted=(\d+) same=(\w+) default=(\S+) acc=([0-9.]+)", proc.stdout)
     assert sorted(line[0] for line in lines) == ["0", "1"], proc.stdout
     for _, converted, same, default, acc in lines:
         assert int(converted) == 2  # the mlp's two hidden Linear layers; the head is skipped

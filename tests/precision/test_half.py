@@ -14,15 +14,6 @@ from tests.conftest import compose_train, fit_classifier
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two threads stall on every parallel op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class GradDtypes(Callback):
     """Records the dtypes of the gradients the optimizer is about to use."""
 

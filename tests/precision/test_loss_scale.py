@@ -15,15 +15,6 @@ from lp_lightning.precision.loss_scale import LossScaler
 from tests.conftest import fit_classifier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two threads stall on every parallel op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in module.parameters()])))
 
