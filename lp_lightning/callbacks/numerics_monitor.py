@@ -85,6 +85,11 @@ class NumericsMonitor(Callback):
         if stage == "fit":  # a new fit starts a new record
             self.steps, self.records = [], []
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # precision plugins swap layers in convert_module, which runs after callback setup: look again
+        self._targets = select_modules(pl_module, self.modules)
+        self.layers = list(self._targets)
+
     # ---- sampling --------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:

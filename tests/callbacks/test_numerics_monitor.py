@@ -19,6 +19,7 @@ from lp_lightning.callbacks.numerics_monitor import HEATMAP_FILE, SUMMARY_FILE, 
 from lp_lightning.data import DigitsDataModule
 from lp_lightning.models import Classifier
 from lp_lightning.precision import PureHalfPrecision
+from tests.conftest import fit_classifier
 from tests.ddp import run_ddp_script
 
 
@@ -154,3 +155,15 @@ def test_ddp_two_ranks_one_summary(tmp_path: Path) -> None:
     summaries = list(tmp_path.rglob(SUMMARY_FILE))
     assert len(summaries) == 1 and (summaries[0].parent / HEATMAP_FILE).is_file()
     assert json.loads(summaries[0].read_text())["layers"]["net.classifier"]["grad_nonfinite"] == 0
+
+
+@pytest.mark.parametrize("plugin", ["fp8", "int8"])
+def test_layers_swapped_by_a_precision_plugin_are_monitored(plugin: str, tmp_path: Path) -> None:
+    from lp_lightning.precision import FakeQuantPrecision, Float8Precision
+
+    precision = Float8Precision(emulate=True) if plugin == "fp8" else FakeQuantPrecision()
+    monitor = NumericsMonitor(every_n_steps=1, modules=["net.features.1"], heatmap=False)
+    fit_classifier(tmp_path, net="mlp", epochs=1, plugins=[precision], callbacks=[monitor],
+                   limit_train_batches=2, limit_val_batches=1)
+    layer = monitor.summary()["net.features.1"]
+    assert layer["act_amax"] > 0 and layer["grad_amax"] > 0  # the hooks sat on the swapped layer
