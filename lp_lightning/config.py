@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lp_lightning.data import DATAMODULES, TensorDataModule
 
+LIGHTNING_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
@@ -51,13 +52,19 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"{key}={value!r} has type {type(value).__name__}; expected {allowed}")
 
 
+def lightning_precision(precision: str) -> str:
+    """Lightning's own precision mode (its ``Trainer(precision=...)`` string), for ``conf/precision`` entries."""
+    if precision not in LIGHTNING_PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of Lightning's modes {list(LIGHTNING_PRECISIONS)}")
+    return precision
+
+
 def precision_kwargs(precision_cfg: DictConfig | Mapping[str, Any]) -> tuple[dict[str, Any], list[Precision]]:
-    """Trainer kwargs for a precision entry: Lightning's string (``lightning:``) or one plugin (``_target_``)."""
-    if "_target_" in precision_cfg:
-        return {}, [instantiate(precision_cfg)]
-    if "lightning" in precision_cfg:
-        return {"precision": precision_cfg["lightning"]}, []
-    raise ValueError(f"precision config needs '_target_' (a plugin) or 'lightning' (a string): {precision_cfg}")
+    """Trainer kwargs for a precision entry: ``precision=<Lightning's string>`` or ``plugins=[<plugin>]``."""
+    if "_target_" not in precision_cfg:
+        raise ValueError(f"a precision config needs '_target_' (a plugin or lightning_precision): {precision_cfg}")
+    obj = instantiate(precision_cfg)
+    return ({"precision": obj}, []) if isinstance(obj, str) else ({}, [obj])
 
 
 def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:

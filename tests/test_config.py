@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.precision import Precision
 from omegaconf import OmegaConf
 
-from lp_lightning.config import build_callbacks, config_dir, precision_kwargs, validate
+from lp_lightning.config import build_callbacks, config_dir, lightning_precision, precision_kwargs, validate
 from tests.conftest import compose_train
 from tests.data.cifar_fixture import write_tiny_cifar
 
@@ -38,6 +38,12 @@ def test_every_config_composes_and_instantiates(group: str, option: str, tmp_pat
     build_callbacks(cfg.callbacks)
     trainer = instantiate(cfg.trainer, **kwargs, plugins=plugins, logger=False, default_root_dir=str(tmp_path))
     assert trainer.max_epochs >= 1
+
+
+def test_lightning_precision_lists_allowed_modes() -> None:
+    with pytest.raises(ValueError, match=r"precision='16-true-ish'.*32-true.*bf16-mixed"):
+        lightning_precision("16-true-ish")
+    assert precision_kwargs(compose_train(["precision=bf16_mixed"]).precision) == ({"precision": "bf16-mixed"}, [])
 
 
 def test_wrong_value_type_names_the_key() -> None:

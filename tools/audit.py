@@ -50,7 +50,8 @@ def _quiet_lightning():
 
 def precision_plugin(precision_cfg: Mapping[str, Any] | None) -> Precision:
     """The plugin of a ``conf/precision`` entry (Lightning's string or ``_target_``), as a Trainer builds it."""
-    kwargs, plugins = precision_kwargs(precision_cfg or {"lightning": "32-true"})
+    fp32 = {"_target_": "lp_lightning.config.lightning_precision", "precision": "32-true"}
+    kwargs, plugins = precision_kwargs(precision_cfg or fp32)
     with _quiet_lightning():
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, plugins=plugins, **kwargs)
