@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lp_lightning.config import build_callbacks, config_dir, data_spec, precision_kwargs, validate
-from lp_lightning.io import write_json
+from lp_lightning.io import atomic_write, write_json
 
 
 def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") -> dict[str, Any]:
@@ -54,7 +54,8 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     }
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        config_text = OmegaConf.to_yaml(cfg, resolve=True)
+        atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(config_text))
     return metrics
 
 

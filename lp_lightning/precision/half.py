@@ -106,6 +106,7 @@ class PureHalfPrecision(HalfPrecision):
     def pre_backward(self, tensor: torch.Tensor, module: pl.LightningModule) -> torch.Tensor:  # type: ignore[override]
         if self.scaler is not None:
             self._backward_scale = self.scaler.scale
+            self._found_inf.clear()  # new gradients: a manual loop may have unscaled (clipped) and not stepped
             tensor = self.scaler.scale_loss(tensor)
         return super().pre_backward(tensor, module)
 

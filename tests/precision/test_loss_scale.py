@@ -181,3 +181,31 @@ def test_scale_in_checkpoint_and_resumed(tmp_path):
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt)
     assert rec.scales[0] == saved["scale"]
     assert resumed.scaler.skipped_steps >= saved["skipped_steps"]
+
+
+class ClipThenSkipClassifier(ManualClassifier):
+    """Manual loop that clips every batch but steps only on odd batches (a clip without a step)."""
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = F.cross_entropy(self(batch[0]).float(), batch[1])
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
+        self.grad_norms.append(_grad_norm(self))
+        if batch_idx % 2:
+            opt.step()
+        return loss
+
+
+def test_clip_without_step_does_not_leave_the_next_gradients_scaled(tmp_path):
+    L.seed_everything(0)
+    model = ClipThenSkipClassifier(clip=1e6, net="mlp", input_shape=[1, 8, 8], num_classes=10)
+    plugin = PureHalfPrecision("float16", loss_scale=2.0**10)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        plugins=[plugin])
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    # every backward's gradients were unscaled before clipping (a no-op at this clip value): true norms of a
+    # cross-entropy gradient are O(1), while still-scaled ones would be ~2**10 times larger
+    assert len(model.grad_norms) == 6 and all(0 < n < 50 for n in model.grad_norms), model.grad_norms

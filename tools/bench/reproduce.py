@@ -33,6 +33,7 @@ from lp_lightning.tools.bench import half_speed, lemma1, table2, table3
 
 ALL_PRECISIONS = ["fp32", "fp16", "bf16", "fp16_mixed", "bf16_mixed", "fp8", "int8", "int4w"]
 FP8_MODELS = ("mlp", "vit")  # the cnn has no Linear layer FP8 can take (only its skipped head)
+REPO_DOCS = Path(__file__).resolve().parents[2] / "docs"  # tools/bench/ -> the repository's docs/
 PLOTS_SHOWN = {("cnn", "fp16"), ("cnn", "int4w"), ("mlp", "fp8"), ("mlp", "int8")}
 PAPER_TABLE2 = ("Paper (CIFAR-10, 50 seeds, RTX 4080): mean accuracy difference FP16-FP32 = -0.2 pt, "
                 "FP16-MP = -0.2 pt; speedup FP32/FP16 = 1.6x, MP/FP16 = 1.3x.")
@@ -204,7 +205,7 @@ interleaved in one run.
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, fewer eps and models")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs"), help="where the page and its PNGs go")
+    parser.add_argument("--out-dir", type=Path, default=REPO_DOCS, help="where the page and its PNGs go")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--epochs", type=int, default=None)
