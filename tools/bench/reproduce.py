@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--precisions", nargs="+", default=ALL_PRECISIONS, choices=ALL_PRECISIONS)
     parser.add_argument("--jobs", type=int, default=2, help="parallel training runs in table 2")
     args = parser.parse_args(argv)
-    command = "python -m lp_lightning.tools.bench.reproduce " + shlex.join(sys.argv[1:] if argv is None else argv)
+    given = shlex.join(sys.argv[1:] if argv is None else argv)
+    command = f"python -m lp_lightning.tools.bench.reproduce {given}".strip()
     argvs = plan(args)
     models = args.models or ["mlp", "cnn", "vit"]
     img = args.out_dir / "img"
