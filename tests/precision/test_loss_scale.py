@@ -145,8 +145,12 @@ class ManualClassifier(Classifier):
         self.manual_backward(loss)
         self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
         self.grad_norms.append(_grad_norm(self))
-        opt.step()
+        if self.steps_on(batch_idx):
+            opt.step()
         return loss
+
+    def steps_on(self, batch_idx: int) -> bool:
+        return True
 
 
 def test_manual_optimization(tmp_path):
@@ -186,16 +190,8 @@ def test_scale_in_checkpoint_and_resumed(tmp_path):
 class ClipThenSkipClassifier(ManualClassifier):
     """Manual loop that clips every batch but steps only on odd batches (a clip without a step)."""
 
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        opt.zero_grad()
-        loss = F.cross_entropy(self(batch[0]).float(), batch[1])
-        self.manual_backward(loss)
-        self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
-        self.grad_norms.append(_grad_norm(self))
-        if batch_idx % 2:
-            opt.step()
-        return loss
+    def steps_on(self, batch_idx: int) -> bool:
+        return batch_idx % 2 == 1
 
 
 def test_clip_without_step_does_not_leave_the_next_gradients_scaled(tmp_path):
