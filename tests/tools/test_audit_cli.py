@@ -10,17 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from lp_lightning.audit.tolerance import REPORT_KEYS
-from lp_lightning.config import config_dir
+from lp_lightning.config import compose_config
 from lp_lightning.models import Classifier
 from lp_lightning.tools import audit as audit_tool
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="audit", overrides=overrides)
+    return compose_config("audit", overrides)
 
 
 def _main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *overrides: str) -> int:

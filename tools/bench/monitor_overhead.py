@@ -18,17 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from lp_lightning.config import config_dir
+from lp_lightning.config import compose_config
 from lp_lightning.io import write_json
 from lp_lightning.train import run
 
 
 def _time_run(overrides: list[str], run_dir: Path) -> tuple[float, float, float]:
     """(wall seconds, process CPU seconds, test accuracy) of one ``lp-train`` run."""
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config("train", overrides)
     start, cpu = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

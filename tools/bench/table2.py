@@ -46,17 +46,15 @@ def overrides(model: str, precision: str, seed: int, epochs: int | None, vit_opt
 def run_one(run_dir: str, args: list[str], threads: int | None) -> dict[str, Any]:
     """Compose the config and train (in a worker process); return its metrics."""
     import torch
-    from hydra import compose, initialize_config_dir
 
-    from lp_lightning.config import config_dir
+    from lp_lightning.config import compose_config
     from lp_lightning.train import run
 
     if threads:
         torch.set_num_threads(threads)
     logging.getLogger("lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=args)
+    cfg = compose_config("train", args)
     precision = next(a.split("=", 1)[1] for a in args if a.startswith("precision="))
     return run(cfg, run_dir, precision)
 
