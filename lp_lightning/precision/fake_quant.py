@@ -7,6 +7,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, cast
 
 import torch
+from lightning.fabric.plugins.precision.utils import _DtypeContextManager
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -109,12 +110,8 @@ class FakeQuantPrecision(Precision):
     @contextlib.contextmanager
     def forward_context(self) -> Generator[None, None, None]:
         """Run the step in float32 and restore the previous default dtype afterwards (also on errors)."""
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        try:
+        with _DtypeContextManager(torch.float32):
             yield
-        finally:
-            torch.set_default_dtype(previous)
 
     def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
         """The optimizer step, then count it and freeze the observers once ``freeze_observers_after`` is reached."""

@@ -238,16 +238,12 @@ class Float8Precision(Precision):
         torchao's rowwise (axiswise) FP8 tensors cannot be reshaped under ``torch.inference_mode`` (which
         Lightning uses for validation), so for those recipes the step runs under ``no_grad`` instead.
         """
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.compute_dtype)
-        try:
-            with contextlib.ExitStack() as stack:
-                if self.recipe != "tensorwise" and torch.is_inference_mode_enabled():
-                    stack.enter_context(torch.inference_mode(False))
-                    stack.enter_context(torch.no_grad())
-                yield
-        finally:
-            torch.set_default_dtype(previous)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_DtypeContextManager(self.compute_dtype))
+            if self.recipe != "tensorwise" and torch.is_inference_mode_enabled():
+                stack.enter_context(torch.inference_mode(False))
+                stack.enter_context(torch.no_grad())
+            yield
 
     def convert_input(self, data: Any) -> Any:
         return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.compute_dtype)

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.precision.utils import _DtypeContextManager
 from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -94,13 +95,8 @@ class PureHalfPrecision(HalfPrecision):
     @contextlib.contextmanager
     def forward_context(self) -> Generator[None, None, None]:
         """16-bit default dtype and the compute mode; the default dtype is restored even if the step raises."""
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(self.compute_dtype)
-        try:
-            with self.compute_context():
-                yield
-        finally:
-            torch.set_default_dtype(default_dtype)
+        with _DtypeContextManager(self.compute_dtype), self.compute_context():
+            yield
 
     # ------------------------------------------------------------------ backward and loss scaling
     def pre_backward(self, tensor: torch.Tensor, module: pl.LightningModule) -> torch.Tensor:  # type: ignore[override]
