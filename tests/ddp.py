@@ -12,10 +12,18 @@ import textwrap
 from pathlib import Path
 
 PRELUDE = """
+import atexit
+
 import lightning as L
 import torch
+import torch.distributed
 from lp_lightning.data import DigitsDataModule
 from lp_lightning.models import Classifier
+
+@atexit.register
+def _destroy_process_group():  # an open gloo group at interpreter exit can abort ("terminate called ...")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 def ddp_trainer(root, **kwargs):
     defaults = dict(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
