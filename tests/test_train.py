@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lp_lightning.audit.epsilon import UnsafeEpsilonError
 from lp_lightning.io import write_json
 from lp_lightning.models import load_classifier
 from lp_lightning.train import run
@@ -56,6 +57,19 @@ def test_multirun_sweep_writes_one_run_per_value(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     seeds = sorted(json.loads(p.read_text())["seed"] for p in tmp_path.glob("*/metrics.json"))
     assert seeds == [1, 2]
+
+
+VIT_FP16 = ["model=vit", "precision=fp16", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+            "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
+
+
+def test_default_guard_stops_pure_fp16_adam_with_lost_eps(tmp_path: Path) -> None:
+    # the vit's AdamW eps=1e-8 is 0 in fp16: unguarded, lp-train model=vit precision=fp16 trained to chance level
+    with pytest.raises(UnsafeEpsilonError, match=r"eps=1e-08 rounds to 0 in float16.*optimizer\.eps=0\.000244"):
+        run(compose_train(VIT_FP16), tmp_path / "lost")
+    assert not (tmp_path / "lost" / "metrics.json").exists()
+    assert run(compose_train([*VIT_FP16, "callbacks.epsilon_guard.action=fix"]), tmp_path / "fixed")["epochs"] == 1
+    assert run(compose_train([*VIT_FP16, "optimizer.eps=1e-3"]), tmp_path / "safe")["epochs"] == 1
 
 
 def test_failed_write_keeps_previous_file(tmp_path: Path) -> None:

@@ -102,7 +102,8 @@ class EpsilonGuard(Callback):
         text = "; ".join(c.describe() for c in flagged)
         if self.action == "raise":
             raise UnsafeEpsilonError(f"EpsilonGuard: {text}. Set a larger eps (e.g. optimizer.eps="
-                                     f"{max(c.safe_eps for c in flagged):.3g}) or use EpsilonGuard(action='fix').")
+                                     f"{max(c.safe_eps for c in flagged):.3g}) or use EpsilonGuard(action='fix') "
+                                     "(lp-train: callbacks.epsilon_guard.action=fix).")
         if self.action == "warn":
             self._say_once(f"EpsilonGuard: {text}", warn=True)
             return

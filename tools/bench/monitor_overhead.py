@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.epochs is not None:
         base.append(f"trainer.max_epochs={args.epochs}")
     variants = {
-        "plain": base,
+        "plain": [*base, "callbacks.epsilon_guard=null"],  # both without the (default) guard: the monitor alone
         "monitored": [*base, "callbacks=safety", "callbacks.epsilon_guard=null",
                       f"callbacks.numerics_monitor.every_n_steps={args.every_n_steps}"],
     }
