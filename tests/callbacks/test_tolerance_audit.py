@@ -18,7 +18,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from torch import nn
 
 from lp_lightning.audit.tolerance import REPORT_KEYS, summary
-from lp_lightning.callbacks import ToleranceAudit
+from lp_lightning.callbacks import EpsilonGuard, ToleranceAudit
 from lp_lightning.callbacks import tolerance_audit as ta
 from lp_lightning.data import DigitsDataModule
 from lp_lightning.models import Classifier
@@ -252,6 +252,7 @@ def test_callbacks_audit_config_instantiates() -> None:
     from tests.conftest import compose_train
 
     cfg = compose_train(["callbacks=audit", "callbacks.audit.reference=float64", "callbacks.audit.max_samples=50"])
-    (audit,) = build_callbacks(cfg.callbacks)
+    guard, audit = build_callbacks(cfg.callbacks)  # the audit config keeps the default epsilon guard
+    assert isinstance(guard, EpsilonGuard) and guard.action == "raise"
     assert isinstance(audit, ToleranceAudit)
     assert (audit.reference_dtype, audit.every_n_epochs, audit.max_samples, audit.plot) == (torch.float64, 1, 50, True)
