@@ -18,14 +18,17 @@ convolution returns for channels-last weights (same values; ``.view`` on it need
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+from torchmetrics import Metric
 
 COMPUTE_MODES = ("auto", "native", "fp32_accumulate")
 
@@ -121,6 +124,61 @@ class Fp32Accumulate(TorchFunctionMode):
         with saved_tensors_hooks(hooks.pack, hooks.unpack):
             out = func(*up_args, **kwargs)
         return out.to(low)  # a convolution's result stays channels-last, as torch's own for channels-last weights
+
+
+class ForwardScope:
+    """:class:`Fp32Accumulate` around every forward of a module's layers (by hooks), while ``active``.
+
+    A mode over Lightning's whole step would also intercept each torch call of the step's metrics and
+    logging (~1 us each: 8% of an mlp step at batch 256); the hooks keep it to the layers' forwards.
+    torchmetrics metrics are not hooked. The mode is entered by the outermost hooked forward only.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.active = False
+        self._depth = 0
+        self._mode: Fp32Accumulate | None = None
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self, module: nn.Module) -> None:
+        """Hook ``module`` and its submodules (outside torchmetrics metrics)."""
+        self.detach()
+        for m in _layers(module):
+            self._handles.append(m.register_forward_pre_hook(self._enter))
+            self._handles.append(m.register_forward_hook(self._exit, always_call=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if self._depth == 0:
+            if not self.active:
+                return
+            self._mode = Fp32Accumulate(self.dtype)
+            self._mode.__enter__()
+        self._depth += 1
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._depth == 0:  # entered while inactive
+            return
+        self._depth -= 1
+        if self._depth == 0 and self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+
+
+def _layers(module: nn.Module) -> Iterator[nn.Module]:
+    yield module
+    for child in module.children():
+        if not isinstance(child, Metric):
+            yield from _layers(child)
 
 
 def _up(value: Any, low: torch.dtype, upcast: dict[int, tuple[Tensor, torch.memory_format]],

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.optim import LBFGS, Optimizer
 
-from lp_lightning.precision.fp32_compute import COMPUTE_MODES, Fp32Accumulate, resolve_compute
+from lp_lightning.precision.fp32_compute import COMPUTE_MODES, ForwardScope, Fp32Accumulate, resolve_compute
 from lp_lightning.precision.loss_scale import LossScaler
 
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -65,6 +65,7 @@ class PureHalfPrecision(HalfPrecision):
                                                       growth_interval)
         self._compute_mode: str | None = None
         self._module: weakref.ref[nn.Module] | None = None
+        self._scope = ForwardScope(self.compute_dtype)
         self._backward_scale: float | None = None
         self._found_inf: dict[int, bool] = {}  # per optimizer, set when its gradients were unscaled
 
@@ -72,6 +73,7 @@ class PureHalfPrecision(HalfPrecision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Cast parameters and buffers to the 16-bit dtype (no fp32 copy is kept)."""
         self._module = weakref.ref(module)
+        self._scope.detach()
         return module.to(dtype=self.compute_dtype)
 
     @property
@@ -87,16 +89,41 @@ class PureHalfPrecision(HalfPrecision):
         return self._compute_mode
 
     def compute_context(self) -> contextlib.AbstractContextManager:
-        """The context that applies the compute mode (matrix products in fp32 for ``fp32_accumulate``)."""
+        """The context that applies the compute mode to everything it runs (used around backward)."""
         if self.compute_mode == "fp32_accumulate":
             return Fp32Accumulate(self.compute_dtype)
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def forward_context(self) -> Generator[None, None, None]:
-        """16-bit default dtype and the compute mode; the default dtype is restored even if the step raises."""
-        with _DtypeContextManager(self.compute_dtype), self.compute_context():
+        """16-bit default dtype and the compute mode; the default dtype is restored even if the step raises.
+
+        ``fp32_accumulate`` applies to the products inside the forward of the converted module and its
+        submodules (not to the step's metrics and logging; a product written in ``training_step`` itself
+        runs on the native kernels).
+        """
+        with _DtypeContextManager(self.compute_dtype), self._forward_scope():
             yield
+
+    @contextlib.contextmanager
+    def _forward_scope(self) -> Generator[None, None, None]:
+        module = self._module() if self._module is not None else None
+        if self.compute_mode != "fp32_accumulate" or module is None:
+            with self.compute_context():
+                yield
+            return
+        if not self._scope.attached:
+            self._scope.attach(module)
+        active, self._scope.active = self._scope.active, True
+        try:
+            yield
+        finally:
+            self._scope.active = active
+
+    def teardown(self) -> None:
+        """Remove the forward hooks of ``fp32_accumulate`` from the module."""
+        self._scope.detach()
+        super().teardown()
 
     # ------------------------------------------------------------------ backward and loss scaling
     def pre_backward(self, tensor: torch.Tensor, module: pl.LightningModule) -> torch.Tensor:  # type: ignore[override]

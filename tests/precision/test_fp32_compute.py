@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from lp_lightning.precision import PureHalfPrecision, fp32_compute
 from lp_lightning.precision.fp32_compute import Fp32Accumulate, _SavedAs16Bit, resolve_compute
@@ -227,3 +228,66 @@ def test_inplace_change_of_a_saved_operand_is_detected():
     x.mul_(2)  # x is stored for the weight gradient
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.float().sum().backward()
+
+
+class _WithMetric(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.acc = MulticlassAccuracy(num_classes=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _spy_products(monkeypatch) -> list[object]:
+    seen: list[object] = []
+    original = Fp32Accumulate.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(Fp32Accumulate, "__torch_function__", spy)
+    return seen
+
+
+def test_forward_context_intercepts_only_the_module_forwards(monkeypatch):
+    seen = _spy_products(monkeypatch)
+    plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
+    module = plugin.convert_module(_WithMetric())
+    x = plugin.convert_input(torch.randn(16, 8))
+    with plugin.forward_context():
+        logits = module(x)
+        assert F.linear in seen and F.relu in seen  # the whole forward runs under the mode
+        seen.clear()
+        module.acc(logits.float(), torch.randint(0, 4, (16,)))  # a metric: not intercepted
+        torch.mm(x, x.t())  # a product outside a forward: native kernels, not intercepted
+    assert seen == []
+    module(x)  # outside the plugin's context: not intercepted either
+    assert seen == []
+    torch.testing.assert_close(logits, _reference(module.net, x), rtol=0, atol=0)
+
+
+def test_forward_scope_recovers_from_a_failing_forward_and_detaches(monkeypatch):
+    seen = _spy_products(monkeypatch)
+    plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
+    module = plugin.convert_module(nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+    with pytest.raises(RuntimeError), plugin.forward_context():
+        module(plugin.convert_input(torch.randn(2, 7)))  # wrong width: F.linear raises inside the mode
+    assert torch.overrides._get_current_function_mode_stack() == []  # the mode was popped
+    seen.clear()
+    with plugin.forward_context():
+        module(plugin.convert_input(torch.randn(2, 8)))
+    assert F.linear in seen
+    plugin.teardown()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in module.modules())
+
+
+def _reference(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``net`` run layer by layer in fp32, each Linear's result rounded to 16 bits (what fp32_accumulate does)."""
+    out = x
+    for layer in net:
+        out = layer(out) if not isinstance(layer, nn.Linear) else \
+            F.linear(out.float(), layer.weight.float(), layer.bias.float()).to(x.dtype)
+    return out
