@@ -10,11 +10,9 @@ Bad input (missing/corrupt checkpoint, different class counts) exits 2 with one 
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import sys
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +29,18 @@ from lp_lightning.audit.tolerance import Comparison, compare, summary
 from lp_lightning.callbacks.audit_support import parse_reference, reference_copy
 from lp_lightning.config import config_dir, precision_kwargs
 from lp_lightning.io import write_json
+from lp_lightning.logs import quiet_loggers
 from lp_lightning.models import CheckpointError, datamodule_from_hparams, load_classifier
 
 REPORT_NAME, PLOT_NAME = "audit_report.json", "audit_plot.png"
 SPLITS = ("train", "val", "test")
 
 
-@contextmanager
-def _quiet_lightning():
-    log = logging.getLogger("lightning.pytorch")
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def precision_plugin(precision_cfg: Mapping[str, Any] | None) -> Precision:
     """The plugin of a ``conf/precision`` entry (Lightning's string or ``_target_``), as a Trainer builds it."""
     fp32 = {"_target_": "lp_lightning.config.lightning_precision", "precision": "32-true"}
     kwargs, plugins = precision_kwargs(precision_cfg or fp32)
-    with _quiet_lightning():
+    with quiet_loggers("lightning.pytorch"):
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, plugins=plugins, **kwargs)
     return trainer.precision_plugin

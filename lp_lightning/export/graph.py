@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,17 +90,3 @@ def layer_nodes(model: onnx.ModelProto) -> dict[str, LayerNode]:
 def op_types(model: onnx.ModelProto) -> list[str]:
     """Sorted distinct op types of the graph."""
     return sorted({node.op_type for node in model.graph.node})
-
-
-@contextmanager
-def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
-    """Raise the level of noisy library loggers (onnxruntime quantization, torch.onnx) for a block."""
-    loggers = [logging.getLogger(n) for n in (*names, "")]
-    old = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(max(level, lg.level))
-        yield
-    finally:
-        for lg, lv in zip(loggers, old, strict=True):
-            lg.setLevel(lv)

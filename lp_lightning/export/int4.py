@@ -17,7 +17,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-from lp_lightning.export.graph import ExportError, layer_nodes, op_types, quiet_loggers, save_model
+from lp_lightning.export.graph import ExportError, layer_nodes, op_types, save_model
+from lp_lightning.logs import quiet_loggers
 
 INT4_MIN, INT4_MAX = -8, 7
 
@@ -178,7 +179,8 @@ def export_int4(fp32: onnx.ModelProto, path: str | os.PathLike[str], block_size:
     learned = _learned_weight_scales(fp32, qparams, block_size)
     rewritten = gemm_to_matmul(model)
     n_learned = learned_matmulnbits(model, learned, block_size, accuracy_level)
-    with quiet_loggers("onnxruntime", "onnxruntime.quantization.matmul_nbits_quantizer", level=logging.ERROR):
+    with quiet_loggers("", "onnxruntime", "onnxruntime.quantization.matmul_nbits_quantizer",
+                       level=logging.ERROR):
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                          accuracy_level=accuracy_level)
         quantizer.process()

@@ -22,8 +22,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from lp_lightning.export.cpu import has_vnni
-from lp_lightning.export.graph import ExportError, LayerNode, layer_nodes, op_types, quiet_loggers, save_model
+from lp_lightning.export.graph import ExportError, LayerNode, layer_nodes, op_types, save_model
 from lp_lightning.export.onnx_fp32 import INPUT_NAME
+from lp_lightning.logs import quiet_loggers
 
 # Quantize the compute-heavy ops (and the residual Add so CNN blocks stay in int8); Softmax, LayerNorm
 # and elementwise Mul stay fp32, which keeps the transformer's attention accurate.
@@ -131,7 +132,7 @@ def export_int8(fp32: onnx.ModelProto, path: str | os.PathLike[str], calibration
     """
     reduce_range = (not has_vnni()) if reduce_range is None else bool(reduce_range)
     reader = BatchReader(calibration)
-    with tempfile.TemporaryDirectory() as tmp, quiet_loggers("onnxruntime", level=logging.ERROR):
+    with tempfile.TemporaryDirectory() as tmp, quiet_loggers("", "onnxruntime", level=logging.ERROR):
         src, pre_path, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(fp32, str(src), save_as_external_data=False)
         quant_pre_process(str(src), str(pre_path), skip_symbolic_shape=False)

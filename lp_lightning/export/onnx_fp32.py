@@ -17,7 +17,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from lp_lightning.export.graph import ExportError, quiet_loggers, save_model
+from lp_lightning.export.graph import ExportError, save_model
+from lp_lightning.logs import quiet_loggers
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -33,7 +34,7 @@ def to_onnx(model: nn.Module, sample: torch.Tensor) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     first_arg = next(iter(inspect.signature(model.forward).parameters))
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), \
-            quiet_loggers("torch.onnx", "torch.export", "onnxscript", level=logging.ERROR), \
+            quiet_loggers("", "torch.onnx", "torch.export", "onnxscript", level=logging.ERROR), \
             redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
