@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import Precision
 from omegaconf import DictConfig, OmegaConf
 
+from lp_lightning.callbacks.epsilon_guard import EpsilonGuard
 from lp_lightning.data import DATAMODULES, TensorDataModule
 
 LIGHTNING_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
@@ -68,10 +69,16 @@ def precision_kwargs(precision_cfg: DictConfig | Mapping[str, Any]) -> tuple[dic
 
 
 def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
-    """Instantiate every entry of the ``callbacks`` group (a mapping name -> ``_target_`` config)."""
-    if not callbacks_cfg:
-        return []
-    return [instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
+    """Instantiate every entry of the ``callbacks`` group (a mapping name -> ``_target_`` config).
+
+    Without an ``epsilon_guard`` entry an ``EpsilonGuard(action="raise", check_every_n_steps=0)`` is added:
+    every run is guarded against an optimizer eps its dtype loses (``epsilon_guard: null`` turns it off).
+    """
+    callbacks_cfg = callbacks_cfg or {}
+    callbacks = [instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
+    if "epsilon_guard" not in callbacks_cfg:
+        callbacks.insert(0, EpsilonGuard(action="raise", check_every_n_steps=0))
+    return callbacks
 
 
 def data_spec(datamodule: TensorDataModule, data_cfg: DictConfig) -> dict[str, Any]:

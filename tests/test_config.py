@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.precision import Precision
 from omegaconf import OmegaConf
 
+from lp_lightning.callbacks import EpsilonGuard
 from lp_lightning.config import build_callbacks, config_dir, lightning_precision, precision_kwargs, validate
 from tests.conftest import compose_train
 from tests.data.cifar_fixture import write_tiny_cifar
@@ -63,3 +64,18 @@ def test_unknown_group_option_lists_allowed_values(override: str, group: str, tm
     assert f"Could not find '{group}/" in out and f"Available options in '{group}'" in out
     assert ("fp32" in out) if group == "precision" else ("cnn" in out and "vit" in out)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides, want", [
+    ([], [("raise", 0)]),
+    (["callbacks=audit"], [("raise", 0)]),  # no guard entry of its own: the default one is added
+    (["callbacks=safety"], [("raise", 50)]),
+    (["callbacks=[safety,audit]"], [("raise", 50)]),  # the order of the entries does not matter
+    (["callbacks=[audit,safety]"], [("raise", 50)]),
+    (["callbacks.epsilon_guard.action=fix"], [("fix", 0)]),
+    (["callbacks.epsilon_guard=null"], []),
+    (["callbacks=audit", "+callbacks.epsilon_guard=null"], []),
+])
+def test_every_callbacks_choice_has_one_epsilon_guard_unless_turned_off(overrides: list[str], want: list) -> None:
+    guards = [c for c in build_callbacks(compose_train(overrides).callbacks) if isinstance(c, EpsilonGuard)]
+    assert [(g.action, g.check_every_n_steps) for g in guards] == want

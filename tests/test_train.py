@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,11 +66,15 @@ VIT_FP16 = ["model=vit", "precision=fp16", "trainer.max_epochs=1", "trainer.enab
 
 def test_default_guard_stops_pure_fp16_adam_with_lost_eps(tmp_path: Path) -> None:
     # the vit's AdamW eps=1e-8 is 0 in fp16: unguarded, lp-train model=vit precision=fp16 trained to chance level
-    with pytest.raises(UnsafeEpsilonError, match=r"eps=1e-08 rounds to 0 in float16.*optimizer\.eps=0\.000244"):
+    with pytest.raises(UnsafeEpsilonError, match=r"eps=1e-08 rounds to 0 in float16") as err:
         run(compose_train(VIT_FP16), tmp_path / "lost")
     assert not (tmp_path / "lost" / "metrics.json").exists()
+    suggested = re.search(r"optimizer\.eps=([0-9.e-]+)\)", str(err.value)).group(1)
+    assert float(suggested) >= 2.0**-12  # the suggested eps passes the guard
+    assert run(compose_train([*VIT_FP16, f"optimizer.eps={suggested}"]), tmp_path / "safe")["epochs"] == 1
     assert run(compose_train([*VIT_FP16, "callbacks.epsilon_guard.action=fix"]), tmp_path / "fixed")["epochs"] == 1
-    assert run(compose_train([*VIT_FP16, "optimizer.eps=1e-3"]), tmp_path / "safe")["epochs"] == 1
+    with pytest.raises(UnsafeEpsilonError):  # configs without their own guard get the default one
+        run(compose_train([*VIT_FP16, "callbacks=audit"]), tmp_path / "audit")
 
 
 def test_failed_write_keeps_previous_file(tmp_path: Path) -> None:

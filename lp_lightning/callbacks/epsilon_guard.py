@@ -101,9 +101,9 @@ class EpsilonGuard(Callback):
             return
         text = "; ".join(c.describe() for c in flagged)
         if self.action == "raise":
-            raise UnsafeEpsilonError(f"EpsilonGuard: {text}. Set a larger eps (e.g. optimizer.eps="
-                                     f"{max(c.safe_eps for c in flagged):.3g}) or use EpsilonGuard(action='fix') "
-                                     "(lp-train: callbacks.epsilon_guard.action=fix).")
+            suggested = _round_up(max(c.safe_eps for c in flagged))
+            raise UnsafeEpsilonError(f"EpsilonGuard: {text}. Set a larger eps (e.g. optimizer.eps={suggested}) or "
+                                     "use EpsilonGuard(action='fix') (lp-train: callbacks.epsilon_guard.action=fix).")
         if self.action == "warn":
             self._say_once(f"EpsilonGuard: {text}", warn=True)
             return
@@ -165,6 +165,15 @@ _ADVICE = {
     "eps_dominated_share": "eps, not the gradients, sets most steps (SGD with momentum at lr / eps)",
     "max_update_over_lr": "updates explode (tiny denominators); raise eps",
 }
+
+
+def _round_up(x: float, digits: int = 3) -> str:
+    """``x`` rounded up to ``digits`` significant digits (a suggested eps must not fall below the bound)."""
+    text = f"{x:.{digits}g}"
+    if float(text) < x:
+        step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+        text = f"{math.ceil(x / step) * step:.{digits}g}"
+    return text
 
 
 def _dt(c: EpsCheck) -> str:
