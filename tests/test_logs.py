@@ -23,3 +23,8 @@ def test_quiet_loggers_raises_levels_for_the_block_and_restores_them(caplog: pyt
     assert named.level == logging.INFO and root.level == before
     with quiet_loggers("lp_test.noisy", level=logging.DEBUG):  # never lowers a level
         assert named.level == logging.INFO
+    child = logging.getLogger("lp_test.noisy.child")  # no level of its own: the parent's INFO applies
+    named.setLevel(logging.ERROR)
+    with quiet_loggers("lp_test.noisy.child", level=logging.WARNING):
+        assert child.getEffectiveLevel() == logging.ERROR
+    assert child.level == logging.NOTSET

@@ -141,6 +141,9 @@ class ForwardScope:
         self._mode: Fp32Accumulate | None = None
         self._handles: list[RemovableHandle] = []
 
+    def __deepcopy__(self, memo: dict) -> ForwardScope:
+        return self  # a copied module's hooks follow the plugin's context, as the original's do
+
     @property
     def attached(self) -> bool:
         return bool(self._handles)
@@ -153,13 +156,24 @@ class ForwardScope:
             self._handles.append(m.register_forward_hook(self._exit, always_call=True))
 
     def detach(self) -> None:
+        self.reset()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
+    def reset(self) -> None:
+        """Leave the mode if a forward did not (torch runs ``always_call`` hooks on ``Exception`` only, so a
+        ``KeyboardInterrupt`` skips them)."""
+        if self._mode is not None:
+            stack = torch.overrides._get_current_function_mode_stack()
+            if stack and stack[-1] is self._mode:
+                self._mode.__exit__(None, None, None)
+            self._mode = None
+        self._depth = 0
+
     def _enter(self, module: nn.Module, args: Any) -> None:
         if self._depth == 0:
-            if not self.active:
+            if not self.active or _redirected(module):
                 return
             self._mode = Fp32Accumulate(self.dtype)
             self._mode.__enter__()
@@ -172,6 +186,13 @@ class ForwardScope:
         if self._depth == 0 and self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
+
+
+def _redirected(module: nn.Module) -> bool:
+    """Whether the module's ``forward`` is replaced on the instance, as Lightning's forward redirection does
+    under DDP to run ``training_step`` through the wrapper (then only the step's own ``self(x)`` is a forward)."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and getattr(forward, "__func__", None) is not type(module).forward
 
 
 def _layers(module: nn.Module) -> Iterator[nn.Module]:

@@ -119,6 +119,8 @@ class PureHalfPrecision(HalfPrecision):
             yield
         finally:
             self._scope.active = active
+            if not active:
+                self._scope.reset()
 
     def teardown(self) -> None:
         """Remove the forward hooks of ``fp32_accumulate`` from the module."""

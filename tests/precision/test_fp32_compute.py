@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -292,3 +294,73 @@ def _reference(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = layer(out) if not isinstance(layer, nn.Linear) else \
             F.linear(out.float(), layer.weight.float(), layer.bias.float()).to(x.dtype)
     return out
+
+
+class _Interrupt(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise KeyboardInterrupt
+
+
+def test_interrupted_forward_leaves_no_mode_behind():
+    # torch runs always_call forward hooks on Exception only: Ctrl-C skips the hook that leaves the mode
+    plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
+    module = plugin.convert_module(nn.Sequential(nn.Linear(8, 8), _Interrupt()))
+    with pytest.raises(KeyboardInterrupt), plugin.forward_context():
+        module(plugin.convert_input(torch.randn(2, 8)))
+    assert torch.overrides._get_current_function_mode_stack() == []
+    a = torch.randn(4, 4).half()
+    assert torch.equal(torch.mm(a, a), torch.mm(a, a))  # runs natively again, no leftover mode
+
+
+class _Steps(nn.Module):
+    """A LightningModule-like root: ``training_step`` does a product and calls ``self(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, x: torch.Tensor) -> torch.Tensor:
+        out = self(x)
+        return torch.mm(out, out.t())  # outside any module's forward
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return self.module(*args)
+
+
+def test_lightning_forward_redirection_keeps_the_step_outside_the_mode(monkeypatch):
+    # under DDP Lightning runs training_step by patching the module's forward and calling the DDP wrapper
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    seen = _spy_products(monkeypatch)
+    plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
+    module = plugin.convert_module(_Steps())
+    x = plugin.convert_input(torch.randn(4, 8))
+    with plugin.forward_context():
+        _ForwardRedirection()(_Wrapper(module), module, "training_step", x)
+        assert F.linear in seen and torch.mm not in seen
+        seen.clear()
+        module(x)  # the forward restored on the instance by the redirection is still hooked
+    assert F.linear in seen
+
+
+def test_a_deep_copy_follows_the_plugins_context(monkeypatch):
+    seen = _spy_products(monkeypatch)
+    plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
+    module = plugin.convert_module(nn.Linear(8, 8))
+    x = plugin.convert_input(torch.randn(2, 8))
+    with plugin.forward_context():
+        copied = copy.deepcopy(module)  # copied while the scope is active, with its hooks
+    copied(x)
+    assert seen == []
+    with plugin.forward_context():
+        copied(x)
+    assert F.linear in seen
