@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lp_lightning.config import build_callbacks, config_dir, data_spec, precision_kwargs, validate
 from lp_lightning.io import atomic_write, write_json
+from lp_lightning.models import read_checkpoint
 
 
 def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") -> dict[str, Any]:
@@ -34,8 +35,13 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     trainer = instantiate(cfg.trainer, **trainer_kwargs, plugins=plugins, default_root_dir=str(run_dir),
                           logger=CSVLogger(str(run_dir), name="logs"),
                           callbacks=[checkpoint, timer, *build_callbacks(cfg.get("callbacks"))])
+    resume = cfg.get("resume")
+    if resume:
+        read_checkpoint(resume)  # one-line error for a missing, corrupt or foreign file, before training
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+    # before validate/test restore the callback's state from best.ckpt (saved before last.ckpt existed)
+    best_path, last_path = checkpoint.best_model_path, checkpoint.last_model_path
     val = trainer.validate(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
     test = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
     epochs = max(1, trainer.current_epoch)
@@ -49,8 +55,8 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
         "test_acc": test["test/acc"], "test_loss": test["test/loss"],
         "wall_time_s": time.perf_counter() - start,
         "time_per_epoch_s": timer.time_elapsed("train") / epochs,
-        "best_checkpoint": checkpoint.best_model_path,
-        "last_checkpoint": checkpoint.last_model_path,
+        "best_checkpoint": best_path,
+        "last_checkpoint": last_path,
     }
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)

@@ -13,7 +13,7 @@ import torch
 
 from lp_lightning.audit.epsilon import UnsafeEpsilonError
 from lp_lightning.io import write_json
-from lp_lightning.models import load_classifier
+from lp_lightning.models import CheckpointError, load_classifier
 from lp_lightning.train import run
 from tests.conftest import compose_train
 
@@ -95,3 +95,37 @@ def test_lp_train_under_ddp_on_cpu(tmp_path: Path) -> None:
     assert metrics["epochs"] == 1 and metrics["test_acc"] > 0.2
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 10  # 1257 samples / (2 ranks x 64) = 10 steps per rank
+
+
+def test_resume_continues_epochs_steps_and_loss_scale(tmp_path: Path) -> None:
+    base = ["model=mlp", "precision=fp16", "precision.loss_scale=dynamic", "+precision.growth_interval=4",
+            "trainer.enable_progress_bar=false", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1"]
+    first = run(compose_train([*base, "trainer.max_epochs=1"]), tmp_path / "first")
+    before = torch.load(first["last_checkpoint"], weights_only=True)
+    resumed = run(compose_train([*base, "trainer.max_epochs=2", f"resume={first['last_checkpoint']}"]),
+                  tmp_path / "resumed")
+    after = torch.load(resumed["last_checkpoint"], weights_only=True)
+    assert (before["global_step"], after["global_step"]) == (3, 6) and resumed["epochs"] == 2
+    scale_before, scale_after = before["PureHalfPrecision"], after["PureHalfPrecision"]
+    assert scale_before["skipped_steps"] == scale_after["skipped_steps"] == 0
+    # the scale went on from the saved state: clean step 4 of growth_interval 4 doubled it (a fresh one would not)
+    assert (scale_before["scale"], scale_before["growth_tracker"]) == (2.0**16, 3)
+    assert (scale_after["scale"], scale_after["growth_tracker"]) == (2.0**17, 2)
+
+
+def test_resume_from_a_missing_checkpoint_stops_before_training(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="nope.ckpt' does not exist"):
+        run(compose_train([*QUICK, f"resume={tmp_path / 'nope.ckpt'}"]), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_resume_with_module_swapping_precisions(tmp_path: Path, precision: str) -> None:
+    # the checkpoint holds fake-quant / FP8 layers that a fresh model gets only when the plugin converts it
+    base = ["model=mlp", f"precision={precision}", "trainer.enable_progress_bar=false",
+            "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1"]
+    first = run(compose_train([*base, "trainer.max_epochs=1"]), tmp_path / "first")
+    resumed = run(compose_train([*base, "trainer.max_epochs=2", f"resume={first['last_checkpoint']}"]),
+                  tmp_path / "resumed")
+    after = torch.load(resumed["last_checkpoint"], weights_only=True)
+    assert after["global_step"] == 6 and resumed["epochs"] == 2
