@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,13 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Entry point of ``lp-train``; returns the test accuracy (useful for sweeps)."""
+    """Entry point of ``lp-train``; returns the test accuracy (useful for sweeps). Bad input: exit 2."""
     hydra_cfg = HydraConfig.get()
-    metrics = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision", "custom"))
+    try:
+        metrics = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision", "custom"))
+    except ValueError as exc:  # invalid values, unusable checkpoint (CheckpointError), unsafe eps (EpsilonGuard)
+        print(f"lp-train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(f"test_acc={metrics['test_acc']:.4f} val_acc={metrics['val_acc']:.4f} "
           f"time_per_epoch={metrics['time_per_epoch_s']:.2f}s -> {hydra_cfg.runtime.output_dir}/metrics.json")
     return metrics["test_acc"]

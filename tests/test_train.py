@@ -129,3 +129,12 @@ def test_resume_with_module_swapping_precisions(tmp_path: Path, precision: str) 
                   tmp_path / "resumed")
     after = torch.load(resumed["last_checkpoint"], weights_only=True)
     assert after["global_step"] == 6 and resumed["epochs"] == 2
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lp_lightning.train", *QUICK, f"resume={tmp_path / 'nope.ckpt'}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert f"lp-train: error: checkpoint '{tmp_path / 'nope.ckpt'}' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
