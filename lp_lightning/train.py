@@ -10,6 +10,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import CSVLogger
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lp_lightning.config import build_callbacks, config_dir, data_spec, precision_kwargs, validate
 from lp_lightning.io import atomic_write, write_json
-from lp_lightning.models import read_checkpoint
+from lp_lightning.models import CheckpointError, read_checkpoint
 
 
 def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") -> dict[str, Any]:
@@ -30,21 +31,22 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     model = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes,
                         optimizer=optimizer, data=data_spec(datamodule, cfg.data), _convert_="all")
     trainer_kwargs, plugins = precision_kwargs(cfg.precision)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
-                                 mode="max", save_last=True)
+    # best.ckpt by val/acc; last.ckpt after every epoch (Lightning's save_last only follows the best's saves)
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max")
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
     timer = Timer()
     trainer = instantiate(cfg.trainer, **trainer_kwargs, plugins=plugins, default_root_dir=str(run_dir),
                           logger=CSVLogger(str(run_dir), name="logs"),
-                          callbacks=[checkpoint, timer, *build_callbacks(cfg.get("callbacks"))])
+                          callbacks=[best, last, timer, *build_callbacks(cfg.get("callbacks"))])
     resume = cfg.get("resume")
-    if resume:
-        read_checkpoint(resume)  # one-line error for a missing, corrupt or foreign file, before training
+    if resume:  # one-line errors for a missing, corrupt, foreign or other-model file, before training
+        check_resumable(read_checkpoint(resume), model, str(resume))
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
-    # before validate/test restore the callback's state from best.ckpt (saved before last.ckpt existed)
-    best_path, last_path = checkpoint.best_model_path, checkpoint.last_model_path
-    val = trainer.validate(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
-    test = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+    # before validate/test restore the callbacks' state (paths, elapsed time) from best.ckpt
+    best_path, last_path, train_s = best.best_model_path, last.best_model_path, timer.time_elapsed("train")
+    val = trainer.validate(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
+    test = trainer.test(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
     epochs = max(1, trainer.current_epoch)
     metrics = {
         "precision": precision_name,
@@ -55,7 +57,7 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
         "val_acc": val["val/acc"], "val_loss": val["val/loss"],
         "test_acc": test["test/acc"], "test_loss": test["test/loss"],
         "wall_time_s": time.perf_counter() - start,
-        "time_per_epoch_s": timer.time_elapsed("train") / epochs,
+        "time_per_epoch_s": train_s / epochs,
         "best_checkpoint": best_path,
         "last_checkpoint": last_path,
     }
@@ -66,18 +68,40 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     return metrics
 
 
+def check_resumable(ckpt: dict[str, Any], model: L.LightningModule, path: str) -> None:
+    """CheckpointError unless ``ckpt`` was trained as the same net as ``model`` (else its weights do not fit)."""
+    keys = ("net", "net_kwargs", "input_shape", "num_classes")
+    saved = {k: ckpt["hyper_parameters"].get(k) for k in keys}
+    built = {k: model.hparams.get(k) for k in keys}
+    if saved != built:  # both plain lists/dicts (Classifier saves plain hyperparameters)
+        raise CheckpointError(f"resume checkpoint {path!r} was trained as {saved}, but this run builds {built}; "
+                              f"resume with the model and data config of that run")
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     """Entry point of ``lp-train``; returns the test accuracy (useful for sweeps). Bad input: exit 2."""
     hydra_cfg = HydraConfig.get()
     try:
         metrics = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision", "custom"))
-    except ValueError as exc:  # invalid values, unusable checkpoint (CheckpointError), unsafe eps (EpsilonGuard)
-        print(f"lp-train: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, InstantiationException) as exc:
+        # invalid values (also in a plugin's or callback's arguments), an unusable resume checkpoint
+        # (CheckpointError), an unsafe eps (EpsilonGuard), missing data files
+        print(f"lp-train: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     print(f"test_acc={metrics['test_acc']:.4f} val_acc={metrics['val_acc']:.4f} "
           f"time_per_epoch={metrics['time_per_epoch_s']:.2f}s -> {hydra_cfg.runtime.output_dir}/metrics.json")
     return metrics["test_acc"]
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc``, or of the ValueError/TypeError Hydra wrapped, with its config key, on one line."""
+    cause = exc.__cause__
+    if isinstance(exc, InstantiationException) and isinstance(cause, (ValueError, TypeError)):
+        key = next((line.split(":", 1)[1].strip() for line in str(exc).splitlines() if line.startswith("full_key:")),
+                   None)
+        return f"{key}: {cause}" if key else str(cause)
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -33,6 +34,16 @@ def test_run_writes_metrics_checkpoints_and_config(tmp_path: Path) -> None:
     assert "max_epochs: 2" in (tmp_path / "config.yaml").read_text()
     model, _ = load_classifier(tmp_path / "checkpoints" / "best.ckpt")
     assert model.hparams.net == "mlp"
+    # the Timer's state in best.ckpt is not added again when validate/test load it
+    assert saved["time_per_epoch_s"] * saved["epochs"] <= saved["wall_time_s"]
+
+
+def test_last_checkpoint_is_the_last_epoch_also_when_it_is_not_the_best(tmp_path: Path) -> None:
+    # lr 0: val/acc never improves after epoch 0, so Lightning's save_last would stay at epoch 0
+    metrics = run(compose_train([*QUICK, "trainer.max_epochs=3", "optimizer.lr=0"]), tmp_path)
+    last = torch.load(metrics["last_checkpoint"], weights_only=True)
+    best = torch.load(metrics["best_checkpoint"], weights_only=True)
+    assert Path(metrics["last_checkpoint"]).name == "last.ckpt" and (last["epoch"], best["epoch"]) == (2, 0)
 
 
 def test_same_seed_same_weights(tmp_path: Path) -> None:
@@ -84,6 +95,9 @@ def test_failed_write_keeps_previous_file(tmp_path: Path) -> None:
         write_json(target, {"test_acc": object()})  # not serializable: the write fails midway
     assert json.loads(target.read_text()) == {"test_acc": 0.9}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # a new file's usual mode, not mkstemp's 0600
 
 
 def test_lp_train_under_ddp_on_cpu(tmp_path: Path) -> None:
@@ -117,6 +131,9 @@ def test_resume_from_a_missing_checkpoint_stops_before_training(tmp_path: Path) 
     with pytest.raises(CheckpointError, match="nope.ckpt' does not exist"):
         run(compose_train([*QUICK, f"resume={tmp_path / 'nope.ckpt'}"]), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+    mlp = run(compose_train([*QUICK, "trainer.max_epochs=1"]), tmp_path / "mlp")
+    with pytest.raises(CheckpointError, match=r"was trained as \{'net': 'mlp'.*this run builds \{'net': 'cnn'"):
+        run(compose_train([*QUICK, "model=cnn", f"resume={mlp['last_checkpoint']}"]), tmp_path / "cnn")
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
@@ -131,10 +148,16 @@ def test_resume_with_module_swapping_precisions(tmp_path: Path, precision: str) 
     assert after["global_step"] == 6 and resumed["epochs"] == 2
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "lp_lightning.train", *QUICK, f"resume={tmp_path / 'nope.ckpt'}",
+@pytest.mark.parametrize("override, message", [
+    ("resume={tmp}/nope.ckpt", "checkpoint '{tmp}/nope.ckpt' does not exist"),
+    # a plugin argument: Hydra wraps the plugin's ValueError; the key and the allowed values stay
+    ("precision=fp16 precision.loss_scale=-1", "precision: loss_scale=-1 is not supported; allowed: None, 'dynamic'"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, override: str, message: str) -> None:
+    overrides = override.format(tmp=tmp_path).split()
+    proc = subprocess.run([sys.executable, "-m", "lp_lightning.train", *QUICK, *overrides,
                            f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path,
                           timeout=300)
     assert proc.returncode == 2
-    assert f"lp-train: error: checkpoint '{tmp_path / 'nope.ckpt'}' does not exist" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert f"lp-train: error: {message.format(tmp=tmp_path)}" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
