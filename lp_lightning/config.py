@@ -71,14 +71,24 @@ def precision_kwargs(precision_cfg: DictConfig | Mapping[str, Any]) -> tuple[dic
 def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
     """Instantiate every entry of the ``callbacks`` group (a mapping name -> ``_target_`` config).
 
-    Without an ``epsilon_guard`` entry an ``EpsilonGuard(action="raise", check_every_n_steps=0)`` is added:
-    every run is guarded against an optimizer eps its dtype loses (``epsilon_guard: null`` turns it off).
+    Every run is guarded against an optimizer eps its dtype loses: without an ``epsilon_guard`` entry an
+    ``EpsilonGuard(action="raise", check_every_n_steps=0)`` is added, an entry without ``_target_``
+    (``+callbacks.epsilon_guard.action=fix``) sets arguments of that guard, and ``epsilon_guard: null``
+    turns it off. Any other entry without ``_target_`` is a ValueError.
     """
-    callbacks_cfg = callbacks_cfg or {}
-    callbacks = [instantiate(c) for c in callbacks_cfg.values() if c is not None and "_target_" in c]
-    if "epsilon_guard" not in callbacks_cfg:
-        callbacks.insert(0, EpsilonGuard(action="raise", check_every_n_steps=0))
-    return callbacks
+    entries = dict(callbacks_cfg or {})
+    guard = entries.pop("epsilon_guard", {})
+    if guard is not None and "_target_" not in guard:
+        entries["epsilon_guard"] = {"_target_": f"{EpsilonGuard.__module__}.EpsilonGuard", "action": "raise",
+                                    "check_every_n_steps": 0, **guard}
+    elif guard is not None:
+        entries["epsilon_guard"] = guard
+    bad = [name for name, c in entries.items() if c is not None and "_target_" not in c]
+    if bad:
+        raise ValueError(f"callbacks.{bad[0]} has no _target_; choose entries with callbacks=[...] "
+                         f"(options: {sorted(p.stem for p in (Path(config_dir()) / 'callbacks').glob('*.yaml'))})")
+    order = ["epsilon_guard", *(k for k in entries if k != "epsilon_guard")]
+    return [instantiate(entries[k]) for k in order if entries.get(k) is not None]
 
 
 def data_spec(datamodule: TensorDataModule, data_cfg: DictConfig) -> dict[str, Any]:

@@ -75,7 +75,13 @@ def test_unknown_group_option_lists_allowed_values(override: str, group: str, tm
     (["callbacks.epsilon_guard.action=fix"], [("fix", 0)]),
     (["callbacks.epsilon_guard=null"], []),
     (["callbacks=audit", "+callbacks.epsilon_guard=null"], []),
+    (["callbacks=audit", "+callbacks.epsilon_guard.action=fix"], [("fix", 0)]),  # arguments of the default guard
 ])
 def test_every_callbacks_choice_has_one_epsilon_guard_unless_turned_off(overrides: list[str], want: list) -> None:
     guards = [c for c in build_callbacks(compose_train(overrides).callbacks) if isinstance(c, EpsilonGuard)]
     assert [(g.action, g.check_every_n_steps) for g in guards] == want
+
+
+def test_a_callbacks_entry_without_target_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"callbacks.foo has no _target_.*options: \['audit', 'default', 'safety'\]"):
+        build_callbacks(compose_train(["+callbacks.foo.every_n_epochs=1"]).callbacks)
