@@ -206,6 +206,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _make_scaler(loss_scale: str | float | None, init_scale: float, growth_factor: float, backoff_factor: float,
                  growth_interval: int) -> LossScaler | None:
     if loss_scale is None or (isinstance(loss_scale, str) and loss_scale.lower() in ("none", "null")):
+        LossScaler(init_scale, True, growth_factor, backoff_factor, growth_interval)  # checks the settings anyway
         return None
     if isinstance(loss_scale, str) and loss_scale.lower() == "dynamic":
         return LossScaler(init_scale, True, growth_factor, backoff_factor, growth_interval)

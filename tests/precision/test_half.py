@@ -89,6 +89,7 @@ def test_inputs_are_cast():
     ({"loss_scale": "static"}, "loss_scale"), ({"compute": "fast"}, "compute"),
     ({"loss_scale": "dynamic", "init_scale": 0.0}, "init_scale"),
     ({"loss_scale": "dynamic", "growth_interval": 0}, "growth_interval"),
+    ({"growth_factor": 0.5}, "growth_factor"), ({"backoff_factor": 2.0}, "backoff_factor"),  # checked unused too
 ])
 def test_bad_arguments_name_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=arg) as err:
