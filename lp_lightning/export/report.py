@@ -74,7 +74,7 @@ def table(report: Mapping[str, Any]) -> str:
     for fmt, e in formats.items():
         key_ops = [o for o in e["op_types"] if o.startswith(("Q", "MatMulNBits", "DequantizeLinear", "Conv",
                                                               "Gemm", "MatMul", "FusedConv", "FusedGemm"))]
-        rows.append([fmt, f"{e['size_bytes'] / 1024:.1f}", f"{e.get('size_ratio', float('nan')):.3f}",
+        rows.append([fmt, f"{e['size_bytes'] / 1024:.1f}", f"{e['size_ratio']:.3f}" if "size_ratio" in e else "-",
                      f"{e['accuracy']:.4f}", f"{e['agreement']:.4f}", f"{e['certified_fraction']:.4f}",
                      f"{e['max_abs_logit_diff']:.3g}"]
                     + [f"{e['latency_ms'][b]['p50']:.3f}" for b in batches] + [",".join(key_ops)])

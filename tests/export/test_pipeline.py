@@ -79,3 +79,12 @@ def test_progress_lines(digits_checkpoint, tmp_path):
     run_export(digits_checkpoint("mlp"), tmp_path, ExportConfig(formats=["fp32"], **FAST), log=lines.append)
     assert all(line.startswith("[lp-export]") for line in lines)
     assert any("parity" in line for line in lines) and any("report" in line for line in lines)
+
+
+def test_table_without_fp32_shows_no_ratio() -> None:
+    from lp_lightning.export.report import table
+
+    entry = {"size_bytes": 2048, "accuracy": 0.9, "agreement": 0.99, "certified_fraction": 0.98,
+             "max_abs_logit_diff": 0.1, "latency_ms": {"1": {"p50": 0.05}}, "op_types": ["QGemm"]}
+    row = table({"formats": {"int8": entry}}).splitlines()[1].split()
+    assert row[:3] == ["int8", "2.0", "-"] and "nan" not in row
