@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,9 +12,12 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lp_lightning.config import build_callbacks, config_dir, data_spec, precision_kwargs, validate
@@ -33,7 +37,8 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     trainer_kwargs, plugins = precision_kwargs(cfg.precision)
     # best.ckpt by val/acc; last.ckpt after every epoch (Lightning's save_last only follows the best's saves)
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max")
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False,
+                           save_on_train_epoch_end=True)  # also when validation runs less often than every epoch
     timer = Timer()
     trainer = instantiate(cfg.trainer, **trainer_kwargs, plugins=plugins, default_root_dir=str(run_dir),
                           logger=CSVLogger(str(run_dir), name="logs"),
@@ -45,8 +50,9 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     # before validate/test restore the callbacks' state (paths, elapsed time) from best.ckpt
     best_path, last_path, train_s = best.best_model_path, last.best_model_path, timer.time_elapsed("train")
-    val = trainer.validate(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
-    test = trainer.test(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
+    weights = best_path or last_path or None  # no val/acc was logged (no validation): the last weights
+    val = (trainer.validate(model, datamodule=datamodule, ckpt_path=weights, verbose=False) or [{}])[0]
+    test = trainer.test(model, datamodule=datamodule, ckpt_path=weights, verbose=False)[0]
     epochs = max(1, trainer.current_epoch)
     metrics = {
         "precision": precision_name,
@@ -54,7 +60,7 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
         "data": model.hparams.data["name"],
         "seed": cfg.seed,
         "epochs": epochs,
-        "val_acc": val["val/acc"], "val_loss": val["val/loss"],
+        "val_acc": val.get("val/acc"), "val_loss": val.get("val/loss"),
         "test_acc": test["test/acc"], "test_loss": test["test/loss"],
         "wall_time_s": time.perf_counter() - start,
         "time_per_epoch_s": train_s / epochs,
@@ -84,12 +90,17 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
         metrics = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision", "custom"))
-    except (ValueError, FileNotFoundError, InstantiationException) as exc:
+    except (ValueError, FileNotFoundError, InstantiationException, MisconfigurationException) as exc:
         # invalid values (also in a plugin's or callback's arguments), an unusable resume checkpoint
-        # (CheckpointError), an unsafe eps (EpsilonGuard), missing data files
-        print(f"lp-train: error: {_one_line(exc)}", file=sys.stderr)
+        # (CheckpointError), an unsafe eps (EpsilonGuard), missing data files. HYDRA_FULL_ERROR=1: traceback;
+        # in a sweep (-m) Hydra records the failed job and goes on with the others.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or hydra_cfg.mode == RunMode.MULTIRUN:
+            raise
+        if rank_zero_only.rank == 0:
+            print(f"lp-train: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    print(f"test_acc={metrics['test_acc']:.4f} val_acc={metrics['val_acc']:.4f} "
+    val_acc = "n/a" if metrics["val_acc"] is None else f"{metrics['val_acc']:.4f}"
+    print(f"test_acc={metrics['test_acc']:.4f} val_acc={val_acc} "
           f"time_per_epoch={metrics['time_per_epoch_s']:.2f}s -> {hydra_cfg.runtime.output_dir}/metrics.json")
     return metrics["test_acc"]
 
