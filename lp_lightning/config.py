@@ -73,17 +73,17 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
 
     Every run is guarded against an optimizer eps its dtype loses: without an ``epsilon_guard`` entry an
     ``EpsilonGuard(action="raise", check_every_n_steps=0)`` is added, an entry without ``_target_``
-    (``+callbacks.epsilon_guard.action=fix``) sets arguments of that guard, and ``epsilon_guard: null``
+    (``++callbacks.epsilon_guard.action=fix``) sets arguments of that guard, and ``epsilon_guard: null``
     turns it off. Any other entry without ``_target_`` is a ValueError.
     """
     entries = dict(callbacks_cfg or {})
     guard = entries.pop("epsilon_guard", {})
-    if guard is not None and "_target_" not in guard:
+    if isinstance(guard, Mapping) and "_target_" not in guard:
         entries["epsilon_guard"] = {"_target_": f"{EpsilonGuard.__module__}.EpsilonGuard", "action": "raise",
                                     "check_every_n_steps": 0, **guard}
     elif guard is not None:
         entries["epsilon_guard"] = guard
-    bad = [name for name, c in entries.items() if c is not None and "_target_" not in c]
+    bad = [name for name, c in entries.items() if c is not None and not (isinstance(c, Mapping) and "_target_" in c)]
     if bad:
         raise ValueError(f"callbacks.{bad[0]} has no _target_; choose entries with callbacks=[...] "
                          f"(options: {sorted(p.stem for p in (Path(config_dir()) / 'callbacks').glob('*.yaml'))})")

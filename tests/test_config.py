@@ -82,6 +82,7 @@ def test_every_callbacks_choice_has_one_epsilon_guard_unless_turned_off(override
     assert [(g.action, g.check_every_n_steps) for g in guards] == want
 
 
-def test_a_callbacks_entry_without_target_is_an_error() -> None:
+@pytest.mark.parametrize("override", ["+callbacks.foo.every_n_epochs=1", "+callbacks.foo=3"])
+def test_a_callbacks_entry_without_target_is_an_error(override: str) -> None:
     with pytest.raises(ValueError, match=r"callbacks.foo has no _target_.*options: \['audit', 'default', 'safety'\]"):
-        build_callbacks(compose_train(["+callbacks.foo.every_n_epochs=1"]).callbacks)
+        build_callbacks(compose_train([override]).callbacks)
