@@ -79,16 +79,14 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
     entries = dict(callbacks_cfg or {})
     guard = entries.pop("epsilon_guard", {})
     if isinstance(guard, Mapping) and "_target_" not in guard:
-        entries["epsilon_guard"] = {"_target_": f"{EpsilonGuard.__module__}.EpsilonGuard", "action": "raise",
-                                    "check_every_n_steps": 0, **guard}
-    elif guard is not None:
-        entries["epsilon_guard"] = guard
+        guard = {"_target_": f"{EpsilonGuard.__module__}.EpsilonGuard", "action": "raise",
+                 "check_every_n_steps": 0, **guard}
+    entries = {"epsilon_guard": guard, **entries}  # the guard first
     bad = [name for name, c in entries.items() if c is not None and not (isinstance(c, Mapping) and "_target_" in c)]
     if bad:
         raise ValueError(f"callbacks.{bad[0]} has no _target_; choose entries with callbacks=[...] "
                          f"(options: {sorted(p.stem for p in (Path(config_dir()) / 'callbacks').glob('*.yaml'))})")
-    order = ["epsilon_guard", *(k for k in entries if k != "epsilon_guard")]
-    return [instantiate(entries[k]) for k in order if entries.get(k) is not None]
+    return [instantiate(c) for c in entries.values() if c is not None]
 
 
 def data_spec(datamodule: TensorDataModule, data_cfg: DictConfig) -> dict[str, Any]:
