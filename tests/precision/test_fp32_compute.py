@@ -255,11 +255,15 @@ def _spy_products(monkeypatch) -> list[object]:
     return seen
 
 
+def _converted(module: nn.Module, batch: int) -> tuple[PureHalfPrecision, nn.Module, torch.Tensor]:
+    """An fp32_accumulate fp16 plugin, ``module`` converted by it and a converted (batch, 8) input."""
+    plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
+    return plugin, plugin.convert_module(module), plugin.convert_input(torch.randn(batch, 8))
+
+
 def test_forward_context_intercepts_only_the_module_forwards(monkeypatch):
     seen = _spy_products(monkeypatch)
-    plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
-    module = plugin.convert_module(_WithMetric())
-    x = plugin.convert_input(torch.randn(16, 8))
+    plugin, module, x = _converted(_WithMetric(), 16)
     with plugin.forward_context():
         logits = module(x)
         assert F.linear in seen and F.relu in seen  # the whole forward runs under the mode
@@ -341,9 +345,7 @@ def test_lightning_forward_redirection_keeps_the_step_outside_the_mode(monkeypat
     from lightning.pytorch.strategies.strategy import _ForwardRedirection
 
     seen = _spy_products(monkeypatch)
-    plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
-    module = plugin.convert_module(_Steps())
-    x = plugin.convert_input(torch.randn(4, 8))
+    plugin, module, x = _converted(_Steps(), 4)
     with plugin.forward_context():
         _ForwardRedirection()(_Wrapper(module), module, "training_step", x)
         assert F.linear in seen and torch.mm not in seen
@@ -354,9 +356,7 @@ def test_lightning_forward_redirection_keeps_the_step_outside_the_mode(monkeypat
 
 def test_a_deep_copy_follows_the_plugins_context(monkeypatch):
     seen = _spy_products(monkeypatch)
-    plugin = PureHalfPrecision("float16", compute="fp32_accumulate")
-    module = plugin.convert_module(nn.Linear(8, 8))
-    x = plugin.convert_input(torch.randn(2, 8))
+    plugin, module, x = _converted(nn.Linear(8, 8), 2)
     with plugin.forward_context():
         copied = copy.deepcopy(module)  # copied while the scope is active, with its hooks
     copied(x)
