@@ -1,6 +1,10 @@
 """Table 2 of "Revisiting 16-bit Neural Network Training" in miniature: precision x model x seed on digits.
 
-    python -m lp_lightning.tools.bench.table2 --seeds 0 1 2 3 4 --root outputs/bench/table2_runs --out table2.json
+    python -m lp_lightning.tools.bench.table2 --seeds 0 1 2 3 4 --out table2.json
+
+The same sweep as Hydra multirun: ``lp-train experiment=table2`` (``conf/experiment/table2.yaml``; the vit with
+``model=vit optimizer=adamw optimizer.eps=1e-3``) writes the same ``<root>/<model>/<precision>/seed<s>`` layout under
+``outputs/table2``, which ``--no-train`` then tabulates.
 
 Every run goes through ``lp_lightning.train.run`` with the composed ``lp-train`` config
 (``precision=<p> model=<m> optimizer=sgd seed=<s>``, SGD momentum 0.9 as in the paper; the vit does not
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vit-optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
     parser.add_argument("--vit-lr", type=float, default=3e-3, help="learning rate of the vit")
     parser.add_argument("--vit-eps", type=float, default=1e-3, help="Adam epsilon of the vit (fp16-safe: >= 2**-12)")
-    parser.add_argument("--root", type=Path, default=Path("outputs/bench/table2_runs"))
+    parser.add_argument("--root", type=Path, default=Path("outputs/table2"))
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     parser.add_argument("--no-train", action="store_true", help="only read finished runs")
