@@ -12,9 +12,12 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lp_lightning.precision.fastpath import transformer_fastpath_off
 from lp_lightning.quant import (
     GRANULARITIES,
+    MovingAverageMinMaxObserver,
     QuantSpec,
+    broadcast_observers,
     dequantize,
     fake_quant_layers,
     matches,
@@ -81,6 +84,7 @@ class FakeQuantPrecision(Precision):
         self.skip: list[str] = list(skip or [])
         self.steps = 0
         self.converted_layers: list[str] = []
+        self._observers: list[MovingAverageMinMaxObserver] = []
 
     @property
     def num_converted(self) -> int:
@@ -98,6 +102,8 @@ class FakeQuantPrecision(Precision):
             raise ValueError(f"FakeQuantPrecision found no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d) in "
                              f"{type(module).__name__} (skip={self.skip!r}): fake quantization would change nothing")
         self.converted_layers = names
+        self._observers = [layer.act_observer for layer in fake_quant_layers(module).values()
+                           if layer.act_observer is not None]
         if self._should_freeze():
             self._freeze(module)
         spec = self.spec
@@ -108,9 +114,18 @@ class FakeQuantPrecision(Precision):
         return module
 
     @contextlib.contextmanager
+    def train_step_context(self) -> Generator[None, None, None]:
+        """Every DDP rank starts the training step from rank 0's observer ranges (DDP's own buffer broadcast
+        skips the forward after a ``no_sync`` micro-batch of gradient accumulation); then ``forward_context``."""
+        broadcast_observers(self._observers)
+        with self.forward_context():
+            yield
+
+    @contextlib.contextmanager
     def forward_context(self) -> Generator[None, None, None]:
-        """Run the step in float32 and restore the previous default dtype afterwards (also on errors)."""
-        with _DtypeContextManager(torch.float32):
+        """Run the step in float32 with the fake-quant layers' own forwards (no fused Transformer fast path);
+        restore the previous default dtype and fast-path setting afterwards (also on errors)."""
+        with _DtypeContextManager(torch.float32), transformer_fastpath_off():
             yield
 
     def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
@@ -118,6 +133,7 @@ class FakeQuantPrecision(Precision):
         output = super().optimizer_step(optimizer, model, closure, **kwargs)
         self.steps += 1
         if self._should_freeze() and isinstance(model, nn.Module):
+            broadcast_observers(self._observers)  # every rank freezes the same ranges
             self._freeze(model)
         return output
 

@@ -18,6 +18,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
+from lp_lightning.precision.fastpath import transformer_fastpath_off
+from lp_lightning.quant.swap import matches
+
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in COMPUTE_DTYPES.items()}
@@ -91,11 +94,6 @@ def _say_once(message: str) -> None:
         rank_zero_info(message)
 
 
-def _matches(fqn: str, entry: str) -> bool:
-    """``entry`` names the module ``fqn`` fully or as its trailing dotted part (``classifier`` ~ ``net.classifier``)."""
-    return fqn == entry or fqn.endswith("." + entry)
-
-
 class Float8Precision(Precision):
     """FP8 training of ``nn.Linear`` layers via ``torchao.float8`` (E4M3 forward, E5M2 or E4M3 gradients).
 
@@ -160,11 +158,14 @@ class Float8Precision(Precision):
         """Names of the Linear layers to convert, and the others with the reason they stay."""
         convert: list[str] = []
         skipped: dict[str, str] = {}
+        attention = {fqn for fqn, child in module.named_modules() if isinstance(child, nn.MultiheadAttention)}
         for fqn, child in module.named_modules():
             if not isinstance(child, nn.Linear):
                 continue
-            if any(_matches(fqn, entry) for entry in self.skip):
+            if matches(fqn, self.skip):
                 skipped[fqn] = "skip"
+            elif fqn.rpartition(".")[0] in attention and fqn != "":
+                skipped[fqn] = "inside nn.MultiheadAttention, which reads its weight without calling it"
             elif child.in_features % 16 or child.out_features % 16:
                 skipped[fqn] = f"shape {child.in_features}->{child.out_features} not divisible by 16"
             else:
@@ -174,7 +175,7 @@ class Float8Precision(Precision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         convert, skipped = self._plan(module)
         unmatched = [e for e in self.skip if e not in DEFAULT_SKIP
-                     and not any(_matches(fqn, e) for fqn, _ in module.named_modules())]
+                     and not any(matches(fqn, [e]) for fqn, _ in module.named_modules())]
         if unmatched:
             rank_zero_warn(f"Float8Precision(skip=...): {unmatched} match no module of {type(module).__name__}")
         if not convert:
@@ -188,9 +189,17 @@ class Float8Precision(Precision):
                            f"because FP8 kernels need in/out features divisible by 16: {odd}")
         from torchao.float8.float8_linear import Float8Linear
 
+        config = self.float8_config()
+        for fqn, child in module.named_modules():
+            if isinstance(child, Float8Linear) and child.config != config:
+                differ = [f.name for f in dataclasses.fields(config)
+                          if getattr(config, f.name) != getattr(child.config, f.name)]
+                raise ValueError(f"layer {fqn!r} is already an FP8 Linear whose config differs in {differ} from "
+                                 f"this Float8Precision(recipe={self.recipe!r}, emulate={self.emulate!r}); "
+                                 "convert a plain copy of the model (Float8Precision.reference_module)")
         wanted = set(convert)  # a second fit/test on the same Trainer finds the layers already converted
         module = import_torchao_float8().convert_to_float8_training(
-            module, config=self.float8_config(),
+            module, config=config,
             module_filter_fn=lambda m, fqn: fqn in wanted and not isinstance(m, Float8Linear))
         self.converted_layers, self.skipped_layers = convert, skipped
         mode = "emulated" if self.emulate else "real FP8 kernels"
@@ -236,10 +245,12 @@ class Float8Precision(Precision):
         """Default dtype ``compute_dtype`` for tensors created in the step; restored even if it raises.
 
         torchao's rowwise (axiswise) FP8 tensors cannot be reshaped under ``torch.inference_mode`` (which
-        Lightning uses for validation), so for those recipes the step runs under ``no_grad`` instead.
+        Lightning uses for validation), so for those recipes the step runs under ``no_grad`` instead. torch's
+        fused Transformer fast path is off during the step (it would bypass the FP8 layers in eval steps).
         """
         with contextlib.ExitStack() as stack:
             stack.enter_context(_DtypeContextManager(self.compute_dtype))
+            stack.enter_context(transformer_fastpath_off())  # else eval steps bypass the FP8 layers
             if self.recipe != "tensorwise" and torch.is_inference_mode_enabled():
                 stack.enter_context(torch.inference_mode(False))
                 stack.enter_context(torch.no_grad())

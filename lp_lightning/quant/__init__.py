@@ -12,7 +12,7 @@ from lp_lightning.quant.modules import (
     FakeQuantLinear,
     FakeQuantModule,
 )
-from lp_lightning.quant.observer import MovingAverageMinMaxObserver
+from lp_lightning.quant.observer import MovingAverageMinMaxObserver, broadcast_observers
 from lp_lightning.quant.qparams import (
     affine_qparams,
     fake_quantize_weight,
@@ -32,6 +32,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "QuantSpec",
     "affine_qparams",
+    "broadcast_observers",
     "convert",
     "dequantize",
     "fake_quant_layers",

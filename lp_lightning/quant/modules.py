@@ -56,11 +56,17 @@ class FakeQuantModule(nn.Module):
         """Number of weights per output channel (the reduction length K)."""
         return self.weight[0].numel()
 
-    def _setup_quant(self, spec: QuantSpec, name: str) -> None:
-        if spec.granularity == "per_group" and not isinstance(self, nn.Linear):
-            spec = replace(spec, granularity="per_channel", group_size=None)  # no per-group int4 conv kernels
+    @classmethod
+    def layer_spec(cls, spec: QuantSpec) -> QuantSpec:
+        """``spec`` as this layer type applies it: Conv layers stay per channel (no per-group int4 conv kernels)."""
+        if spec.granularity == "per_group" and not issubclass(cls, nn.Linear):
+            spec = replace(spec, granularity="per_channel", group_size=None)
         if spec.granularity == "per_channel":
             spec = replace(spec, group_size=None)
+        return spec
+
+    def _setup_quant(self, spec: QuantSpec, name: str) -> None:
+        spec = self.layer_spec(spec)
         out, k = self.weight.shape[0], self._group_length()
         if spec.group_size is not None and k % spec.group_size:
             raise ValueError(f"layer {name!r}: group_size={spec.group_size} does not divide its in_features={k}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -58,8 +59,8 @@ class MovingAverageMinMaxObserver(nn.Module):
             return
         lo, hi = torch.aminmax(x.detach())
         if self._initialized:
-            self.min_val.lerp_(lo.float(), self.averaging_constant)
-            self.max_val.lerp_(hi.float(), self.averaging_constant)
+            self.min_val.lerp_(lo.to(self.min_val.dtype), self.averaging_constant)
+            self.max_val.lerp_(hi.to(self.max_val.dtype), self.averaging_constant)
         else:
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
@@ -78,9 +79,37 @@ class MovingAverageMinMaxObserver(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.refresh_flags()
+
+    def refresh_flags(self) -> None:
+        """Re-read ``frozen`` and whether a range was seen from the buffers (after a load or a broadcast)."""
         self._frozen = bool(self.frozen)
         self._initialized = bool(torch.isfinite(self.min_val) & torch.isfinite(self.max_val))
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, averaging_constant={self.averaging_constant}, frozen={self._frozen}, "
                 f"min={float(self.min_val):.4g}, max={float(self.max_val):.4g}")
+
+
+@torch.no_grad()
+def broadcast_observers(observers: Iterable[MovingAverageMinMaxObserver], src: int = 0) -> None:
+    """Give every process ``src``'s observer buffers, in one collective; a no-op outside ``torch.distributed``.
+
+    DDP broadcasts buffers only before a forward that follows a gradient-syncing one, so with gradient
+    accumulation the ranks' ranges drift apart; FakeQuantPrecision calls this before every training step.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    observers = list(observers)
+    if not observers:
+        return
+    buffers = [b for obs in observers for b in obs.buffers()]
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])  # int32/bool exact in float64
+    dist.broadcast(flat, src=src)
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+    for obs in observers:
+        obs.refresh_flags()

@@ -15,11 +15,14 @@ from lp_lightning.quant.spec import QuantSpec
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
-    """True when the fully-qualified ``name`` equals a pattern, ends with ``"." + pattern`` or fnmatches it.
+    """True when a pattern names the module ``name`` or a module that contains it.
 
-    So ``"classifier"`` and ``"net.classifier"`` both select ``net.classifier``; ``"*.attn.*"`` selects by glob.
+    A pattern is a fully-qualified name or its trailing dotted part, or a glob: ``"classifier"`` and
+    ``"net.classifier"`` both select ``net.classifier`` (and ``net.classifier.0`` inside it), ``"stages.0"``
+    every layer of that block, ``"*.attn.*"`` selects by glob.
     """
-    return any(name == p or name.endswith("." + p) or fnmatchcase(name, p) for p in patterns)
+    dotted = "." + name + "."
+    return any(fnmatchcase(name, p) or ("." + p + ".") in dotted for p in patterns)
 
 
 def fake_quant_layers(model: nn.Module) -> dict[str, FakeQuantModule]:
@@ -35,12 +38,17 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_modules(model: nn.Module, spec: QuantSpec, skip: Sequence[str] = ()) -> list[str]:
     """Swap every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` of ``model`` not matched by ``skip``, in place.
 
-    Layers that are already fake-quant are kept as they are (so the call is idempotent). Every layer is
-    checked before any is swapped, so a ValueError (naming the layer and value) leaves ``model`` unchanged.
-    Returns the names of all fake-quant layers of ``model`` afterwards.
+    Layers that are already fake-quant with this ``spec`` are kept as they are (so the call is idempotent);
+    one with another spec is a ValueError. Every layer is checked before any is swapped, so a ValueError
+    (naming the layer and value) leaves ``model`` unchanged. Returns the names of all fake-quant layers of
+    ``model`` afterwards.
     """
     swaps: dict[str, FakeQuantModule] = {}
     for name, module in model.named_modules():
+        if isinstance(module, FakeQuantModule) and module.spec != module.layer_spec(spec):
+            raise ValueError(f"layer {name!r} is already fake-quantized with {module.spec}, not "
+                             f"{module.layer_spec(spec)}: quantize a fresh (plain) copy of the model, e.g. "
+                             "lp_lightning.quant.dequantize(model)")
         cls = FAKE_QUANT_TYPES.get(type(module))  # exact type: MultiheadAttention.out_proj etc. are left alone
         if cls is None or matches(name, skip):
             continue

@@ -191,13 +191,23 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     model = Classifier(net="cnn", input_shape=[1, 8, 8], num_classes=10)
     plugin = FakeQuantPrecision(freeze_observers_after=3, skip=["net.stem.0"])
-    trainer = ddp_trainer(".", plugins=[plugin], limit_train_batches=5, limit_val_batches=2)
+    seen = []  # every observer's range at the start of each training forward
+
+    def record(module, args):
+        if module.training:
+            seen.append([[float(m.act_observer.min_val), float(m.act_observer.max_val)]
+                         for m in fake_quant_layers(model).values()])
+
+    model.net.register_forward_pre_hook(record)
+    # gradient accumulation: DDP broadcasts buffers only before the forward that syncs gradients
+    trainer = ddp_trainer(".", plugins=[plugin], limit_train_batches=10, limit_val_batches=2,
+                          accumulate_grad_batches=2)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     trainer.save_checkpoint("ddp.ckpt")
     obs = {n: [float(m.act_observer.min_val), float(m.act_observer.max_val), m.act_observer.is_frozen]
            for n, m in fake_quant_layers(model).items()}
     with open(f"obs_{trainer.global_rank}.json", "w") as f:
-        json.dump({"steps": plugin.steps, "global_step": trainer.global_step, "obs": obs}, f)
+        json.dump({"steps": plugin.steps, "global_step": trainer.global_step, "obs": obs, "seen": seen}, f)
 """
 
 
@@ -205,7 +215,8 @@ if __name__ == "__main__":
 def test_ddp_training_keeps_observers_in_sync(tmp_path: Path) -> None:
     run_ddp_script(DDP_BODY, tmp_path)
     ranks = [json.loads((tmp_path / f"obs_{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1]
+    assert len(ranks[0]["seen"]) == 10 and ranks[0]["seen"][1] != ranks[0]["seen"][0]  # the ranges do move
+    assert ranks[0] == ranks[1]  # incl. the ranges every training forward started from
     assert ranks[0]["steps"] == ranks[0]["global_step"] == 5
     assert all(frozen for *_, frozen in ranks[0]["obs"].values())
     loaded, _ = load_classifier(tmp_path / "ddp.ckpt")

@@ -75,6 +75,39 @@ def test_skip_entry_matching_nothing_warns() -> None:
         Float8Precision(emulate=True, skip=["net.nothing"]).convert_module(_classifier("mlp"))
 
 
+def test_skipping_a_block_keeps_every_linear_inside_it() -> None:
+    plugin = Float8Precision(emulate=True, skip=["net.blocks.0"])
+    model = plugin.convert_module(_classifier("vit"))
+    assert _fp8_names(model) == [n for n in VIT_FP8 if n.startswith("net.blocks.1.")]
+    assert all(plugin.skipped_layers[n] == "skip" for n in VIT_FP8 if n.startswith("net.blocks.0."))
+
+
+class _AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_linear_inside_multihead_attention_is_kept_and_says_why() -> None:
+    plugin = Float8Precision(emulate=True, skip=[])
+    model = plugin.convert_module(_AttentionNet())
+    assert _fp8_names(model) == ["proj"] and plugin.converted_layers == ["proj"]
+    assert "MultiheadAttention" in plugin.skipped_layers["attn.out_proj"]
+    with pytest.raises(ValueError, match="no nn.Linear layer to train in FP8"):  # out_proj alone: FP8 changes nothing
+        Float8Precision(emulate=True, skip=["proj"]).convert_module(_AttentionNet())
+
+
+def test_converting_again_with_another_recipe_is_an_error() -> None:
+    model = Float8Precision(emulate=True).convert_module(_classifier("mlp"))
+    assert _fp8_names(Float8Precision(emulate=True).convert_module(model)) == MLP_FP8  # same recipe: kept
+    with pytest.raises(ValueError, match=r"layer 'net.features.1' is already an FP8 Linear whose config differs"):
+        Float8Precision(recipe="rowwise", emulate=True).convert_module(model)
+
+
 def test_model_without_eligible_linear_is_an_error() -> None:
     with pytest.raises(ValueError, match="no nn.Linear layer to train in FP8"):
         Float8Precision(emulate=True).convert_module(_classifier("cnn"))

@@ -13,6 +13,7 @@ from lp_lightning.quant import (
     convert,
     dequantize,
     fake_quant_layers,
+    matches,
     quantize_modules,
 )
 
@@ -130,3 +131,29 @@ def test_glob_skip_and_unquantizable_model() -> None:
     names = quantize_modules(model, SPECS["int8"], skip=("*.attn.*",))
     assert names and not any(".attn." in n for n in names)
     assert quantize_modules(nn.Sequential(nn.ReLU()), SPECS["int8"]) == []
+
+
+@pytest.mark.parametrize(("pattern", "selected"), [
+    ("net.stages.0", True), ("stages.0", True), ("stages.0.conv1", True), ("net", True), ("conv1", True),
+    ("stages", True), ("stages.1", False), ("ages.0", False), ("0.conv", False), ("*.conv1", True),
+])
+def test_matches_names_a_layer_or_a_module_that_contains_it(pattern: str, selected: bool) -> None:
+    assert matches("net.stages.0.conv1", [pattern]) is selected
+
+
+def test_skipping_a_block_skips_every_layer_inside_it() -> None:
+    model = Wrapper(build_net("cnn", (1, 8, 8), 10))
+    names = quantize_modules(model, SPECS["int8"], skip=("net.stages.0",))
+    assert names and not any(n.startswith("net.stages.0.") for n in names)
+    assert "net.stages.1.conv1" in names
+
+
+def test_requantizing_with_another_spec_is_an_error_naming_the_layer() -> None:
+    model = Wrapper(build_net("mlp", (1, 8, 8), 10))
+    quantize_modules(model, SPECS["int8"])
+    before = {n: m.spec for n, m in fake_quant_layers(model).items()}
+    with pytest.raises(ValueError, match=r"layer 'net.features.1' is already fake-quantized with .*weight_bits=8"):
+        quantize_modules(model, SPECS["int4_weight_only"])
+    assert {n: m.spec for n, m in fake_quant_layers(model).items()} == before
+    fresh = dequantize(model)
+    assert len(quantize_modules(fresh, SPECS["int4_weight_only"])) == len(before)

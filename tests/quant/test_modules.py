@@ -163,3 +163,14 @@ def test_conv_per_group_request_falls_back_to_per_channel() -> None:
 def test_from_float_rejects_the_wrong_type() -> None:
     with pytest.raises(TypeError, match="needs a Linear"):
         FakeQuantLinear.from_float(nn.Conv2d(1, 1, 1), SPECS["w8a8"], "x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_a_model_cast_to_another_dtype_keeps_observing(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    layer = FakeQuantLinear.from_float(nn.Linear(8, 4), QuantSpec(8, "per_channel", None, 8)).to(dtype)
+    for _ in range(2):  # the first batch sets the range, the second one folds into the moving average
+        out = layer(torch.randn(16, 8, dtype=dtype))
+    obs = layer.act_observer
+    assert out.dtype == dtype and obs.initialized and obs.min_val.dtype == dtype
+    assert float(obs.min_val) < 0 < float(obs.max_val)

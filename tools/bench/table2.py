@@ -33,7 +33,7 @@ MODELS = ["mlp", "cnn", "vit"]
 
 
 def overrides(model: str, precision: str, seed: int, epochs: int | None, vit_optimizer: str = "adamw",
-              vit_lr: float = 3e-3, vit_eps: float = 1e-3) -> list[str]:
+              vit_lr: float = 3e-3, vit_eps: float = 1e-3, vit_clip: float | None = None) -> list[str]:
     """The ``lp-train`` overrides of one run (SGD momentum 0.9; the vit: ``vit_optimizer``)."""
     optimizer = vit_optimizer if model == "vit" else "sgd"
     out = [f"model={model}", f"precision={precision}", f"seed={seed}", f"optimizer={optimizer}",
@@ -43,6 +43,8 @@ def overrides(model: str, precision: str, seed: int, epochs: int | None, vit_opt
         out.append(f"optimizer.lr={vit_lr}")
         if vit_optimizer != "sgd":
             out.append(f"optimizer.eps={vit_eps}")
+        if vit_clip is not None:
+            out.append(f"+trainer.gradient_clip_val={vit_clip}")
     if epochs is not None:
         out.append(f"trainer.max_epochs={epochs}")
     return out
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vit-optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
     parser.add_argument("--vit-lr", type=float, default=3e-3, help="learning rate of the vit")
     parser.add_argument("--vit-eps", type=float, default=1e-3, help="Adam epsilon of the vit (fp16-safe: >= 2**-12)")
+    parser.add_argument("--vit-clip", type=float, default=None, help="gradient norm clipping of the vit (SGD: 1.0)")
     parser.add_argument("--root", type=Path, default=Path("outputs/table2"))
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if todo:
         print(f"{len(plan) - len(todo)} finished runs read, {len(todo)} to train", flush=True)
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            vit = (args.vit_optimizer, args.vit_lr, args.vit_eps)
+            vit = (args.vit_optimizer, args.vit_lr, args.vit_eps, args.vit_clip)
             futures = {pool.submit(run_one, str(d), overrides(m, p, s, args.epochs, *vit), args.threads): (m, p, s)
                        for m, p, s, d in todo}
             for future, (m, p, s) in futures.items():
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(markdown(table, args.precisions))
     if args.out:
         write_json(args.out, {"table": table, "seeds": args.seeds, "epochs": args.epochs,
-                              "vit": {"optimizer": args.vit_optimizer, "lr": args.vit_lr, "eps": args.vit_eps},
+                              "vit": {"optimizer": args.vit_optimizer, "lr": args.vit_lr, "eps": args.vit_eps,
+                                      "clip": args.vit_clip},
                               "runs": [r for runs in results.values() for r in runs]})
     return table
 
