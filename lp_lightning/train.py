@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from lp_lightning.cli import bad_config_exits_2
 from lp_lightning.config import build_callbacks, config_dir, data_spec, precision_kwargs, validate
 from lp_lightning.io import atomic_write, write_json
 from lp_lightning.models import CheckpointError, read_checkpoint
@@ -85,7 +86,7 @@ def check_resumable(ckpt: dict[str, Any], model: L.LightningModule, path: str) -
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float:
+def _app(cfg: DictConfig) -> float:
     """Entry point of ``lp-train``; returns the test accuracy (useful for sweeps). Bad input: exit 2."""
     hydra_cfg = HydraConfig.get()
     try:
@@ -114,6 +115,8 @@ def _one_line(exc: BaseException) -> str:
         return f"{key}: {cause}" if key else str(cause)
     return " ".join(str(exc).split())
 
+
+main = bad_config_exits_2(_app)
 
 if __name__ == "__main__":
     main()

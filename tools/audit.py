@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from lp_lightning.audit.tolerance import Comparison, compare, summary
 from lp_lightning.callbacks.audit_support import parse_reference, reference_copy
+from lp_lightning.cli import bad_config_exits_2
 from lp_lightning.config import config_dir, precision_kwargs
 from lp_lightning.io import write_json
 from lp_lightning.logs import quiet_loggers
@@ -101,7 +102,7 @@ def audit_checkpoints(ckpt: str | os.PathLike[str], reference: str | os.PathLike
     else:
         ref_model = reference_copy(model, plugin, ref_dtype)
     low_model = plugin.convert_module(copy.deepcopy(model)).eval()
-    dm = datamodule_from_hparams(hp, batch_size=batch_size)
+    dm = datamodule_from_hparams(hp, ckpt, batch_size=batch_size)
     loader = DataLoader(dm.dataset(split), batch_size=batch_size, shuffle=False)
     low, labels = logits(low_model, loader, plugin=plugin, max_samples=max_samples)
     ref, _ = logits(ref_model, loader, dtype=ref_dtype, max_samples=max_samples)
@@ -143,6 +144,13 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join([head, *(f"  {k:<22}{v}" for k, v in rows)])
 
 
+def _positive_int(cfg: DictConfig, key: str, default: int) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} must be an integer >= 1")
+    return value
+
+
 def run(cfg: DictConfig, out_dir: str | os.PathLike[str], precision_name: str | None = None) -> dict[str, Any]:
     """Audit as configured by a composed ``conf/audit.yaml``; write the outputs; return the report."""
     if not cfg.get("ckpt"):
@@ -152,20 +160,19 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike[str], precision_name: str | 
         str(cfg.ckpt), reference=str(cfg.reference) if cfg.get("reference") else None,
         precision_cfg=precision_cfg, precision_name=precision_name if precision_cfg else "as stored (fp32)",
         reference_dtype=str(cfg.get("reference_dtype", "float32")), split=str(cfg.get("split", "test")),
-        batch_size=int(cfg.get("batch_size", 256)), max_samples=cfg.get("max_samples"))
+        batch_size=_positive_int(cfg, "batch_size", 256), max_samples=cfg.get("max_samples"))
     write_outputs(report, comparison, cfg.get("out_dir") or out_dir, plot=bool(cfg.get("plot", True)))
     return report
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="audit")
-def main(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> None:
     """Entry point of ``lp-audit``: exit 0 (no violations), 1 (violations found), 2 (bad input)."""
     hydra_cfg = HydraConfig.get()
     try:
         report = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision"))
     except (CheckpointError, ValueError, TypeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"lp-audit: error: {first}", file=sys.stderr)
+        print(f"lp-audit: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         sys.exit(2)
     print(table(report))
     out = Path(cfg.get("out_dir") or hydra_cfg.runtime.output_dir)
@@ -175,6 +182,8 @@ def main(cfg: DictConfig) -> None:
               file=sys.stderr)
         sys.exit(1)
 
+
+main = bad_config_exits_2(_app)
 
 if __name__ == "__main__":
     main()

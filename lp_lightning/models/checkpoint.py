@@ -71,13 +71,30 @@ def load_classifier(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str,
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
         model.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not rebuild a Classifier: {exc}") from exc
+        raise CheckpointError(f"checkpoint {str(path)!r} does not rebuild a Classifier: {_one_line(exc)}") from exc
     return model.float().eval(), ckpt
 
 
-def datamodule_from_hparams(hparams: dict[str, Any], **overrides: Any) -> TensorDataModule:
-    """The datamodule a checkpoint was trained on (``hparams["data"]``), with optional overrides."""
-    data = dict(hparams.get("data") or {"name": "digits"})
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """``exc``'s message on one line (state-dict errors put the cause on their second line), shortened."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def datamodule_from_hparams(hparams: dict[str, Any], source: str | os.PathLike[str] | None = None,
+                            **overrides: Any) -> TensorDataModule:
+    """The datamodule a checkpoint was trained on (``hparams["data"]``), with optional overrides.
+
+    A ``data`` entry that builds no datamodule is a CheckpointError naming ``source`` (the checkpoint).
+    """
+    data = hparams.get("data") or {"name": "digits"}
+    where = f"checkpoint {str(source)!r}: " if source is not None else ""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}hyper_parameters.data={data!r} is not a mapping of datamodule settings")
+    data = dict(data)
     name = data.pop("name", "digits")
     data.update(overrides)
-    return build_datamodule(name, **data)
+    try:
+        return build_datamodule(name, **data)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}hyper_parameters.data does not build a datamodule: {_one_line(exc)}") from exc

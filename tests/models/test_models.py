@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lp_lightning.models import CheckpointError, Classifier, load_classifier, read_checkpoint
+from lp_lightning.models import CheckpointError, Classifier, datamodule_from_hparams, load_classifier, read_checkpoint
 from lp_lightning.models.optim import OPTIMIZERS, build_optimizer
 from tests.conftest import fit_classifier
 
@@ -101,3 +101,21 @@ def test_checkpoint_with_code_is_refused_and_not_run(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="evil.ckpt.*refused"):
         read_checkpoint(bad)
     assert not marker.exists()
+
+
+def test_weights_that_do_not_fit_name_the_file_and_mismatch_on_one_line(tmp_path: Path) -> None:
+    model = Classifier(net="mlp", input_shape=[1, 8, 8], num_classes=10, data={"name": "digits"})
+    hparams = {**dict(model.hparams), "num_classes": 3}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, tmp_path / "nc.ckpt")
+    with pytest.raises(CheckpointError) as info:
+        load_classifier(tmp_path / "nc.ckpt")
+    message = str(info.value)
+    assert "nc.ckpt" in message and "size mismatch for net.classifier" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("data", "match"), [("digits", "is not a mapping"),
+                                             ({"name": "imagenet"}, "data='imagenet' is unknown"),
+                                             ({"name": "digits", "bogus": 1}, "bogus")])
+def test_data_settings_that_build_nothing_name_the_checkpoint(data: object, match: str) -> None:
+    with pytest.raises(CheckpointError, match=rf"checkpoint 'run/x.ckpt'.*{match}"):
+        datamodule_from_hparams({"data": data}, "run/x.ckpt")

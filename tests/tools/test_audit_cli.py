@@ -79,7 +79,15 @@ def _other_classes_checkpoint(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "classes", "no_precision", "bad_reference_dtype"])
+def _bad_data_checkpoint(good: Path, path: Path) -> Path:
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["hyper_parameters"]["data"] = {"name": "digits", "bogus": 1}
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "classes", "no_precision", "bad_reference_dtype",
+                                  "batch_size", "bad_data"])
 def test_bad_input_one_line_exit_2_no_report(digits_checkpoint: Callable[[str], Path], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                              case: str) -> None:
@@ -94,12 +102,21 @@ def test_bad_input_one_line_exit_2_no_report(digits_checkpoint: Callable[[str], 
         "no_precision": ([f"ckpt={good}"], "needs precision="),
         "bad_reference_dtype": ([f"ckpt={good}", "precision=fp16", "reference_dtype=float16"],
                                 "reference='float16'"),
+        "batch_size": ([f"ckpt={good}", "precision=fp16", "batch_size=abc"], "batch_size='abc' must be an integer"),
+        "bad_data": ([f"ckpt={_bad_data_checkpoint(good, tmp_path / 'data.ckpt')}", "precision=fp16"],
+                     "data.ckpt': hyper_parameters.data does not build a datamodule"),
     }[case]
     code = _main(monkeypatch, tmp_path, *overrides, f"out_dir={tmp_path / 'out'}")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("lp-audit: error:") and expect in err[0], err
     assert not (tmp_path / "out").exists()  # no partial report
+
+
+@pytest.mark.parametrize("override", ["precision=fp64", "max_sample=10"])
+def test_a_command_line_hydra_cannot_compose_exits_2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     override: str) -> None:
+    assert _main(monkeypatch, tmp_path, "ckpt=x.ckpt", override) == 2  # Hydra's own error; 1 means violations
 
 
 def test_console_script_exit_code(tmp_path: Path) -> None:
