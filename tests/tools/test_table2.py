@@ -28,6 +28,16 @@ def test_experiment_composes_the_benchmark_runs(model: str) -> None:
     assert sweep.optimizer.name == ("adamw" if model == "vit" else "sgd")
 
 
+def test_vit_with_sgd_composes_as_the_readme_says() -> None:
+    sweep = compose_config("train", ["experiment=table2", "model=vit", "precision=bf16", "seed=1",
+                                     "optimizer.lr=0.05", "+trainer.gradient_clip_val=1.0"])
+    bench = compose_config("train", table2.overrides("vit", "bf16", 1, None, "sgd", 0.05, vit_clip=1.0))
+    for key in ("model", "optimizer", "precision", "seed"):
+        assert sweep[key] == bench[key], key
+    assert sweep.optimizer.name == "sgd" and sweep.optimizer.lr == 0.05 and sweep.optimizer.momentum == 0.9
+    assert sweep.trainer.gradient_clip_val == bench.trainer.gradient_clip_val == 1.0
+
+
 def test_experiment_sweeps_the_papers_grid() -> None:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         hydra = compose("train", ["experiment=table2"], return_hydra_config=True).hydra
