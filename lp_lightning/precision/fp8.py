@@ -150,9 +150,13 @@ class Float8Precision(Precision):
         return len(self.converted_layers)
 
     def float8_config(self) -> Any:
-        """The ``torchao.float8.Float8LinearConfig`` of this recipe, with this plugin's ``emulate``."""
+        """The ``torchao.float8.Float8LinearConfig`` of this recipe, with this plugin's ``emulate``.
+
+        Real kernels pad the matmuls' inner dimension to a multiple of 16 with zeros (``torch._scaled_mm``
+        needs it; the weight-gradient matmul's inner dimension is the batch, e.g. the last 41 rows of an epoch).
+        """
         config = import_torchao_float8().Float8LinearConfig.from_recipe_name(self.recipe)
-        return dataclasses.replace(config, emulate=self.emulate)
+        return dataclasses.replace(config, emulate=self.emulate, pad_inner_dim=not self.emulate)
 
     def _plan(self, module: nn.Module) -> tuple[list[str], dict[str, str]]:
         """Names of the Linear layers to convert, and the others with the reason they stay."""

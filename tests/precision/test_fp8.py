@@ -145,6 +145,24 @@ def test_real_kernels_with_model_off_cuda_is_an_error(monkeypatch: pytest.Monkey
         plugin.connect(model, [], [])
 
 
+def test_real_kernels_pad_a_batch_that_is_not_a_multiple_of_16(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from torchao.float8 import convert_to_float8_training
+
+    monkeypatch.setattr(fp8_module, "fp8_hardware_missing", lambda: None)  # pretend an FP8 GPU exists
+    real = Float8Precision(emulate=False).float8_config()
+    assert real.pad_inner_dim and not Float8Precision(emulate=True).float8_config().pad_inner_dim
+    x = torch.randn(41, 64)  # the last digits batch of an epoch at batch size 64: 1257 = 19 * 64 + 41
+    grads = []
+    for config in (dataclasses.replace(real, emulate=True), Float8Precision(emulate=True).float8_config()):
+        torch.manual_seed(0)
+        net = convert_to_float8_training(nn.Sequential(nn.Linear(64, 32)), config=config)
+        net(x).square().sum().backward()
+        grads.append(net[0].weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)  # zero padding changes nothing
+
+
 @pytest.mark.skipif(HAS_FP8, reason="this machine has FP8 hardware")
 def test_auto_emulates_without_hardware_and_says_so_once(monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
