@@ -64,9 +64,11 @@ class ToleranceAudit(Callback):
         self._plots: list[Future[None]] = []
         self._ref: nn.Module | None = None  # cached reference copy (no reference_module), refreshed per audit
         self.last_source = ""  # "captured" (validation loop's own logits) or "recomputed"
+        self._epochs_written: set[int] = set()  # epochs of this fit with an audit file already
 
     # -- hooks ------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epochs_written.clear()
         low = self._low_dtype(trainer, pl_module)
         if low is not None and torch.finfo(low).bits > torch.finfo(self.reference_dtype).bits:
             raise ValueError(f"reference={self.reference!r} is not higher than the model's precision {low}; "
@@ -124,6 +126,9 @@ class ToleranceAudit(Callback):
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank calls it
         if trainer.is_global_zero:
             stem = log_dir / "audit" / f"epoch_{trainer.current_epoch:03d}"
+            if trainer.current_epoch in self._epochs_written:  # val_check_interval < 1: several per epoch
+                stem = stem.with_name(f"{stem.name}_step_{trainer.global_step:06d}")
+            self._epochs_written.add(trainer.current_epoch)
             write_json(stem.with_suffix(".json"), report)
             if self.plot:  # rendered on one background thread; all PNGs are written when fit returns
                 title = f"epoch {trainer.current_epoch}: {report['low_precision']} vs {self.reference}"

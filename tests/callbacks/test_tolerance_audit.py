@@ -92,6 +92,13 @@ def test_every_n_epochs_max_samples_and_logger_dir(tmp_path: Path, monkeypatch) 
     assert {f"audit/{k}" for k in ta.LOGGED} <= set(metrics)
 
 
+def test_several_validations_per_epoch_keep_every_report(tmp_path: Path) -> None:
+    _fit(tmp_path, [ToleranceAudit(plot=False)], epochs=1, val_check_interval=2)  # after steps 2 and 4
+    reports = _reports(tmp_path / "audit")
+    assert list(reports) == ["epoch_000", "epoch_000_step_000004"]
+    assert [r["global_step"] for r in reports.values()] == [2, 4]
+
+
 def _final_state(trainer: L.Trainer, model: Classifier) -> tuple:
     return (copy.deepcopy(model.state_dict()), copy.deepcopy(trainer.optimizers[0].state_dict()),
             torch.rand(4), float(np.random.rand()), random.random())
