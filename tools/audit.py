@@ -76,6 +76,15 @@ def _accuracy(z: Tensor, y: Tensor) -> float:
     return float((pred == y).double().mean())
 
 
+def _as_stored(ckpt: Mapping[str, Any]) -> str:
+    """How a checkpoint runs without ``precision=``: fp32, or fake-quantized when it was trained that way."""
+    state = ckpt.get("FakeQuantPrecision")
+    if isinstance(state, Mapping) and isinstance(state.get("config"), Mapping):
+        config = state["config"]
+        return f"as stored (fake-quant weight={config.get('weight')} activation={config.get('activation')})"
+    return "as stored (fp32)"
+
+
 def audit_checkpoints(ckpt: str | os.PathLike[str], reference: str | os.PathLike[str] | None = None,
                       precision_cfg: Mapping[str, Any] | None = None, precision_name: str | None = None,
                       reference_dtype: str = "float32", split: str = "test", batch_size: int = 256,
@@ -107,6 +116,8 @@ def audit_checkpoints(ckpt: str | os.PathLike[str], reference: str | os.PathLike
     low, labels = logits(low_model, loader, plugin=plugin, max_samples=max_samples)
     ref, _ = logits(ref_model, loader, dtype=ref_dtype, max_samples=max_samples)
     comparison = compare(low, ref)
+    if precision_cfg is None:
+        precision_name = _as_stored(raw)
     report = {**summary(comparison),
               "low_precision": precision_name or getattr(plugin, "precision", type(plugin).__name__),
               "reference_precision": str(ref_dtype).removeprefix("torch."),
@@ -158,7 +169,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike[str], precision_name: str | 
     precision_cfg = OmegaConf.to_container(cfg.precision, resolve=True) if cfg.get("precision") else None
     report, comparison = audit_checkpoints(
         str(cfg.ckpt), reference=str(cfg.reference) if cfg.get("reference") else None,
-        precision_cfg=precision_cfg, precision_name=precision_name if precision_cfg else "as stored (fp32)",
+        precision_cfg=precision_cfg, precision_name=precision_name if precision_cfg else None,
         reference_dtype=str(cfg.get("reference_dtype", "float32")), split=str(cfg.get("split", "test")),
         batch_size=_positive_int(cfg, "batch_size", 256), max_samples=cfg.get("max_samples"))
     write_outputs(report, comparison, cfg.get("out_dir") or out_dir, plot=bool(cfg.get("plot", True)))

@@ -126,3 +126,15 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("lp-audit: error: checkpoint")
     assert not (tmp_path / "run" / audit_tool.REPORT_NAME).exists()
+
+
+def test_a_fake_quant_checkpoint_as_stored_is_labelled_fake_quant(tmp_path: Path) -> None:
+    from lp_lightning.precision import FakeQuantPrecision
+    from tests.conftest import fit_classifier
+
+    _, _, qat = fit_classifier(tmp_path / "qat", epochs=1, plugins=[FakeQuantPrecision()], limit_train_batches=3)
+    _, _, plain = fit_classifier(tmp_path / "plain", epochs=1, limit_train_batches=3)
+    report, _ = audit_tool.audit_checkpoints(qat, reference=plain, max_samples=64)
+    assert report["low_precision"] == "as stored (fake-quant weight=int8 activation=int8)"
+    report, _ = audit_tool.audit_checkpoints(plain, reference=qat, max_samples=64)
+    assert report["low_precision"] == "as stored (fp32)" and report["violations"] == 0
