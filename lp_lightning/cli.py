@@ -1,4 +1,4 @@
-"""Exit codes of the Hydra apps: a command line Hydra cannot compose is bad input (2), like the apps' own errors."""
+"""What the command-line apps share: one-line error messages, and exit 2 for a command line Hydra cannot compose."""
 
 from __future__ import annotations
 
@@ -6,22 +6,27 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
 
 
 def bad_config_exits_2(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
-    """Wrap a ``@hydra.main`` entry point: when Hydra fails before the task runs (unknown key or config
+    """Wrap a ``@hydra.main`` entry point: when Hydra cannot compose the command line (unknown key or config
     option, malformed override) it prints its error and exits 1; exit 2 instead, since 1 is taken by the
-    tools' results (threshold missed, violations found). Exits of the task itself pass unchanged."""
+    tools' results (threshold missed, violations found). Every other exit passes unchanged."""
 
     @functools.wraps(hydra_main)
     def entry() -> Any:
-        HydraConfig.instance().cfg = None  # set again by Hydra just before it calls the task
         try:
             return hydra_main()
-        except SystemExit as exc:
-            if exc.code == 1 and not HydraConfig.initialized():
+        except SystemExit as exc:  # Hydra calls sys.exit(1) while handling the error: it is the context
+            if exc.code == 1 and isinstance(exc.__context__, (ConfigCompositionException, OverrideParseException)):
                 raise SystemExit(2) from None
             raise
 
     return entry
+
+
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """``exc``'s whole message on one line (its lines stripped and joined), cut to ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."

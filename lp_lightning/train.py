@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from lp_lightning.cli import bad_config_exits_2
+from lp_lightning.cli import bad_config_exits_2, one_line
 from lp_lightning.config import build_callbacks, config_dir, data_spec, precision_kwargs, validate
 from lp_lightning.io import atomic_write, write_json
 from lp_lightning.models import CheckpointError, read_checkpoint
@@ -113,7 +113,7 @@ def _one_line(exc: BaseException) -> str:
         key = next((line.split(":", 1)[1].strip() for line in str(exc).splitlines() if line.startswith("full_key:")),
                    None)
         return f"{key}: {cause}" if key else str(cause)
-    return " ".join(str(exc).split())
+    return one_line(exc)
 
 
 main = bad_config_exits_2(_app)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from lp_lightning.audit.tolerance import Comparison, compare, summary
 from lp_lightning.callbacks.audit_support import parse_reference, reference_copy
-from lp_lightning.cli import bad_config_exits_2
+from lp_lightning.cli import bad_config_exits_2, one_line
 from lp_lightning.config import config_dir, precision_kwargs
 from lp_lightning.io import write_json
 from lp_lightning.logs import quiet_loggers
@@ -183,7 +183,7 @@ def _app(cfg: DictConfig) -> None:
     try:
         report = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision"))
     except (CheckpointError, ValueError, TypeError, OSError) as exc:
-        print(f"lp-audit: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        print(f"lp-audit: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     print(table(report))
     out = Path(cfg.get("out_dir") or hydra_cfg.runtime.output_dir)

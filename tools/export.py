@@ -9,6 +9,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lp_lightning.cli import bad_config_exits_2, one_line
 from lp_lightning.config import config_dir
 from lp_lightning.export import ExportConfig, ExportError, run_export
 from lp_lightning.export.report import table
@@ -19,12 +20,21 @@ FIELDS = ("formats", "thresholds", "threads", "latency_batch_sizes", "warmup", "
 
 
 def export_config(cfg: DictConfig) -> ExportConfig:
-    """The :class:`ExportConfig` of a composed ``conf/export.yaml`` (values validated there)."""
+    """The :class:`ExportConfig` of a composed ``conf/export.yaml`` (values validated there).
+
+    Command-line shorthands: ``formats=int8`` means ``[int8]``, ``latency_batch_sizes=1`` means ``[1]``, and
+    ``thresholds.<fmt>=null`` drops that format's threshold.
+    """
     values: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     kwargs = {k: values[k] for k in FIELDS if k in values}
     if isinstance(kwargs.get("formats"), str):
         kwargs["formats"] = [kwargs["formats"]]
-    kwargs["thresholds"] = {k: float(v) for k, v in (kwargs.get("thresholds") or {}).items() if v is not None}
+    sizes = kwargs.get("latency_batch_sizes")
+    if isinstance(sizes, int) and not isinstance(sizes, bool):
+        kwargs["latency_batch_sizes"] = [sizes]
+    thresholds = kwargs.get("thresholds")
+    if thresholds is None or isinstance(thresholds, dict):
+        kwargs["thresholds"] = {k: v for k, v in (thresholds or {}).items() if v is not None}
     return ExportConfig(**kwargs)
 
 
@@ -39,13 +49,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
-def main(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> None:
     """Entry point of ``lp-export``: exit 0 on success, 1 when a threshold is missed, 2 on bad input."""
     try:
         report = run(cfg)
-    except (CheckpointError, ExportError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"lp-export: error: {first}", file=sys.stderr)
+    except (CheckpointError, ExportError, ValueError, TypeError, OSError) as exc:
+        print(f"lp-export: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     print(table(report))
     cpu = report["cpu"]
@@ -55,6 +64,8 @@ def main(cfg: DictConfig) -> None:
     if report["failures"]:
         sys.exit(1)
 
+
+main = bad_config_exits_2(_app)
 
 if __name__ == "__main__":
     main()

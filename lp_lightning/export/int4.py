@@ -21,6 +21,8 @@ from lp_lightning.export.graph import ExportError, layer_nodes, op_types, save_m
 from lp_lightning.logs import quiet_loggers
 
 INT4_MIN, INT4_MAX = -8, 7
+# block sizes MatMulNBitsQuantizer (MlasQuantizeBlockwise) accepts; 8, 48, 512, ... fail inside onnxruntime
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -165,6 +167,23 @@ def _learned_weight_scales(fp32: onnx.ModelProto, qparams: Mapping[str, Mapping[
     return out
 
 
+def _quantize_matmuls(model: onnx.ModelProto, block_size: int, accuracy_level: int) -> onnx.ModelProto:
+    """MatMulNBitsQuantizer over the remaining MatMuls; its failures become one-line :class:`ExportError`."""
+    try:
+        with quiet_loggers("", "onnxruntime", "onnxruntime.quantization.matmul_nbits_quantizer",
+                           level=logging.ERROR):
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                             accuracy_level=accuracy_level)
+            quantizer.process()
+    except Exception as exc:  # onnxruntime raises RuntimeError/AssertionError/...; name the step and the cause
+        cause = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        cause = cause if len(cause) <= 300 else cause[:297] + "..."
+        raise ExportError(f"int4 MatMulNBitsQuantizer failed (block_size={block_size!r}, accuracy_level="
+                          f"{accuracy_level!r}; block_size must be one of {list(INT4_BLOCK_SIZES)}): "
+                          f"{type(exc).__name__}: {cause}") from exc
+    return quantizer.model.model
+
+
 def export_int4(fp32: onnx.ModelProto, path: str | os.PathLike[str], block_size: int = 32,
                 accuracy_level: int = 4, qparams: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Quantize ``fp32``'s weights to INT4 and write the model to ``path`` (atomically).
@@ -179,12 +198,7 @@ def export_int4(fp32: onnx.ModelProto, path: str | os.PathLike[str], block_size:
     learned = _learned_weight_scales(fp32, qparams, block_size)
     rewritten = gemm_to_matmul(model)
     n_learned = learned_matmulnbits(model, learned, block_size, accuracy_level)
-    with quiet_loggers("", "onnxruntime", "onnxruntime.quantization.matmul_nbits_quantizer",
-                       level=logging.ERROR):
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                                         accuracy_level=accuracy_level)
-        quantizer.process()
-    model = quantizer.model.model
+    model = _quantize_matmuls(model, block_size, accuracy_level)
     n_matmul = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
     n_conv = conv_weights_to_int4(model)
     remove_unused_initializers(model)

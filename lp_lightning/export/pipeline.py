@@ -1,81 +1,95 @@
-"""Checkpoint -> fp32/INT8/INT4 ONNX files -> onnxruntime evaluation -> ``export_report.json``."""
+"""Checkpoint -> fp32/INT8/INT4 ONNX files -> onnxruntime evaluation -> ``export_report.json``.
+
+Models are written and evaluated in a staging folder inside ``out_dir``; only when every step succeeded
+are they moved into place and the report written, so a failed export leaves an earlier one untouched.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
+from lp_lightning.export.config import ExportConfig
 from lp_lightning.export.cpu import cpu_info
 from lp_lightning.export.evaluate import evaluate_format, latency_inputs, measure_latency
 from lp_lightning.export.graph import save_model
 from lp_lightning.export.int4 import export_int4
 from lp_lightning.export.int8 import export_int8
 from lp_lightning.export.onnx_fp32 import check_parity, to_onnx
-from lp_lightning.export.report import FORMATS, add_ratios, check_thresholds, format_entry
+from lp_lightning.export.report import add_ratios, check_thresholds, format_entry
 from lp_lightning.io import write_json
 from lp_lightning.models import datamodule_from_hparams, load_classifier
 
 REPORT_NAME = "export_report.json"
+STAGING_PREFIX = ".lp-export-"
 # onnxruntime keeps DequantizeLinear nodes unfolded to preserve QDQ patterns; the INT4 model has no activation
 # QDQ, so this lets it fold the int4 Conv weights once at load (fp32 Conv speed, the file stays int4).
 SESSION_CONFIGS: dict[str, dict[str, str]] = {"int4": {"session.disable_quant_qdq": "1"}}
 
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """What to export and how to measure it (defaults match ``conf/export.yaml``)."""
-
-    formats: Sequence[str] = FORMATS
-    thresholds: Mapping[str, float] = field(default_factory=lambda: {"int8": 0.98, "int4": 0.95})
-    threads: int = 1
-    latency_batch_sizes: Sequence[int] = (1, 64)
-    warmup: int = 10
-    iters: int = 50
-    calib_batches: int = 8
-    calib_batch_size: int = 64
-    parity_atol: float = 1e-4
-    int4_block_size: int = 32
-    int4_accuracy_level: int = 4
-    reduce_range: bool | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown or not self.formats:
-            raise ValueError(f"formats={list(self.formats)!r} is invalid; allowed: {list(FORMATS)} (non-empty)")
-        for fmt in self.thresholds:
-            if fmt not in FORMATS:
-                raise ValueError(f"thresholds key {fmt!r} is unknown; allowed: {list(FORMATS)}")
-        for name in ("threads", "warmup", "iters", "calib_batches", "calib_batch_size", "int4_block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup" else 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if not self.latency_batch_sizes or any(int(b) < 1 for b in self.latency_batch_sizes):
-            raise ValueError(f"latency_batch_sizes={list(self.latency_batch_sizes)!r} must be positive integers")
+Log = Callable[[str], None]
+Splits = tuple[np.ndarray, np.ndarray, list[np.ndarray]]
 
 
-def check_writable(out_dir: str | os.PathLike[str]) -> Path:
-    """Create ``out_dir`` if needed and prove a file can be written there (one-line error otherwise)."""
+def model_name(fmt: str) -> str:
+    """File name of a format's model inside ``out_dir``."""
+    return f"model_{fmt}.onnx"
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The levels of ``path`` that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while they are empty; stop at the first that is not."""
+    for path in dirs:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
+@contextmanager
+def staging_dir(out_dir: str | os.PathLike[str]) -> Iterator[tuple[Path, Path]]:
+    """Create ``out_dir`` if needed and yield ``(out, staging)``, a fresh temp folder inside it.
+
+    The staging folder is always removed at exit; on an error (any BaseException) so is every level of
+    ``out_dir`` this call created, as long as it is empty. An unwritable ``out_dir`` is a one-line ValueError.
+    """
     out = Path(out_dir)
+    created = _missing_dirs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test."):
-            pass
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
     except OSError as exc:
+        _remove_empty_dirs(created)
         raise ValueError(f"out_dir={str(out)!r} is not writable: {exc.strerror or exc}") from exc
-    return out
+    ok = False
+    try:
+        yield out, staging
+        ok = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not ok:
+            _remove_empty_dirs(created)
 
 
-def _splits(hparams: Mapping[str, Any], cfg: ExportConfig) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Test images/labels and seeded calibration batches from the training split."""
-    dm = datamodule_from_hparams(dict(hparams))
+def _splits(hparams: Mapping[str, Any], cfg: ExportConfig, source: str | os.PathLike[str]) -> Splits:
+    """Test images/labels and seeded calibration batches from the training split of checkpoint ``source``."""
+    dm = datamodule_from_hparams(dict(hparams), source)
     x_test, y_test = dm.dataset("test").tensors
     x_train = dm.dataset("train").tensors[0]
     order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed))
@@ -95,23 +109,76 @@ def _plain_model(model: torch.nn.Module, ckpt: Mapping[str, Any]) -> tuple[torch
     return plain.float().eval(), dict(qparams)
 
 
+def _write_models(plain: torch.nn.Module, proto: onnx.ModelProto, calib: list[np.ndarray],
+                  qparams: dict[str, Any] | None, staging: Path, cfg: ExportConfig, log: Log
+                  ) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """Write every format of ``cfg`` into ``staging``; returns their paths and quantization facts."""
+    paths: dict[str, Path] = {}
+    quant: dict[str, dict[str, Any]] = {}
+    if "fp32" in cfg.formats:
+        paths["fp32"] = save_model(proto, staging / model_name("fp32"))
+    if "int8" in cfg.formats:
+        source = "learned scales (TensorQuantOverrides)" if qparams else "minmax calibration"
+        log(f"[lp-export] int8: static QDQ per-channel, uint8 act/int8 weights, {source} "
+            f"on {sum(len(b) for b in calib)} training samples")
+        paths["int8"] = staging / model_name("int8")
+        quant["int8"] = export_int8(proto, paths["int8"], calib, model=plain, qparams=qparams,
+                                    reduce_range=cfg.reduce_range)
+        log(f"[lp-export] int8: calibration={quant['int8']['calibration']} "
+            f"reduce_range={quant['int8']['reduce_range']}")
+    if "int4" in cfg.formats:
+        log(f"[lp-export] int4: Gemm->MatMul, MatMulNBits block {cfg.int4_block_size}, Conv int4 per-channel")
+        paths["int4"] = staging / model_name("int4")
+        quant["int4"] = export_int4(proto, paths["int4"], cfg.int4_block_size, cfg.int4_accuracy_level,
+                                    qparams=qparams)
+        log(f"[lp-export] int4: {quant['int4']['matmulnbits_nodes']} MatMulNBits, "
+            f"{quant['int4']['conv_int4_weights']} int4 Conv weights")
+    return paths, quant
+
+
+def _measure(paths: Mapping[str, Path], out: Path, splits: Splits, ref: np.ndarray, others: dict[str, np.ndarray],
+             cfg: ExportConfig, log: Log) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Evaluate and time the staged models; metrics name each model's final path under ``out``."""
+    x_test, y_test, _ = splits
+    metrics = {}
+    for fmt, path in paths.items():
+        log(f"[lp-export] {fmt}: evaluating on {len(y_test)} test samples (onnxruntime CPU)")
+        metrics[fmt] = evaluate_format(path, x_test, y_test, ref, cfg.threads, others, SESSION_CONFIGS.get(fmt))
+        metrics[fmt]["path"] = str(out / model_name(fmt))  # where it will be; same size after the rename
+    log(f"[lp-export] latency: batch {list(cfg.latency_batch_sizes)}, {cfg.threads} thread(s), "
+        f"{cfg.warmup} warm-up + {cfg.iters} interleaved runs")
+    lat = measure_latency(paths, latency_inputs(x_test, cfg.latency_batch_sizes), cfg.threads, cfg.warmup,
+                          cfg.iters, SESSION_CONFIGS)
+    return metrics, lat
+
+
+def _publish(paths: Mapping[str, Path], out: Path, report: Mapping[str, Any]) -> Path:
+    """Move the staged models into ``out``, then write the report (atomically).
+
+    A stale report is removed first, so a crash while moving never leaves a report naming other files.
+    """
+    (out / REPORT_NAME).unlink(missing_ok=True)
+    for fmt, path in paths.items():
+        os.replace(path, out / model_name(fmt))
+    return write_json(out / REPORT_NAME, report)
+
+
 def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: ExportConfig | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Log = print) -> dict[str, Any]:
     """Export ``ckpt_path`` to every format of ``cfg`` under ``out_dir`` and write the report.
 
     Returns the report; ``report["failures"]`` lists missed thresholds (the report is written anyway).
-    Any error before the report is complete removes the model files this call wrote (and ``out_dir`` if
-    this call created it), so a failed export leaves nothing behind.
+    The checkpoint and its data are read before ``out_dir`` is created. Models are built and evaluated in a
+    staging folder and moved into ``out_dir`` only when every step succeeded: a failed export leaves the
+    files of an earlier one untouched, and removes the folders this call created.
     """
     cfg = cfg or ExportConfig()
-    created = not Path(out_dir).exists()
-    out = check_writable(out_dir)
-    written: list[Path] = []
-    try:
-        log(f"[lp-export] loading {str(ckpt_path)!r} (weights_only)")
-        model, ckpt = load_classifier(ckpt_path)
-        plain, qparams = _plain_model(model, ckpt)
-        x_test, y_test, calib = _splits(ckpt["hyper_parameters"], cfg)
+    log(f"[lp-export] loading {str(ckpt_path)!r} (weights_only)")
+    model, ckpt = load_classifier(ckpt_path)
+    splits = _splits(ckpt["hyper_parameters"], cfg, ckpt_path)
+    x_test, y_test, calib = splits
+    plain, qparams = _plain_model(model, ckpt)
+    with staging_dir(out_dir) as (out, staging):
         with torch.no_grad():
             ref = plain(torch.from_numpy(x_test)).float().numpy()
             others = {"fake_quant": model(torch.from_numpy(x_test)).float().numpy()} if qparams else {}
@@ -119,44 +186,16 @@ def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
         proto = to_onnx(plain, torch.from_numpy(x_test[:2]))
         diff = check_parity(plain, proto, torch.from_numpy(x_test), cfg.parity_atol)
         log(f"[lp-export] fp32: parity max |dlogit| = {diff:.2e} (atol {cfg.parity_atol:g})")
-        paths: dict[str, Path] = {}
-        quant: dict[str, dict[str, Any]] = {"fp32": {"exporter": "torch.onnx dynamo", "parity_max_abs": diff}}
-        if "fp32" in cfg.formats:
-            paths["fp32"] = save_model(proto, out / "model_fp32.onnx")
-            written.append(paths["fp32"])
-        if "int8" in cfg.formats:
-            source = "learned scales (TensorQuantOverrides)" if qparams else "minmax calibration"
-            log(f"[lp-export] int8: static QDQ per-channel, uint8 act/int8 weights, {source} "
-                f"on {sum(len(b) for b in calib)} training samples")
-            quant["int8"] = export_int8(proto, out / "model_int8.onnx", calib, model=plain, qparams=qparams,
-                                        reduce_range=cfg.reduce_range)
-            paths["int8"] = out / "model_int8.onnx"
-            written.append(paths["int8"])
-            log(f"[lp-export] int8: calibration={quant['int8']['calibration']} "
-                f"reduce_range={quant['int8']['reduce_range']}")
-        if "int4" in cfg.formats:
-            log(f"[lp-export] int4: Gemm->MatMul, MatMulNBits block {cfg.int4_block_size}, Conv int4 per-channel")
-            quant["int4"] = export_int4(proto, out / "model_int4.onnx", cfg.int4_block_size, cfg.int4_accuracy_level,
-                                        qparams=qparams)
-            paths["int4"] = out / "model_int4.onnx"
-            written.append(paths["int4"])
-            log(f"[lp-export] int4: {quant['int4']['matmulnbits_nodes']} MatMulNBits, "
-                f"{quant['int4']['conv_int4_weights']} int4 Conv weights")
-        metrics = {}
-        for fmt, path in paths.items():
-            log(f"[lp-export] {fmt}: evaluating on {len(y_test)} test samples (onnxruntime CPU)")
-            metrics[fmt] = evaluate_format(path, x_test, y_test, ref, cfg.threads, others, SESSION_CONFIGS.get(fmt))
-        log(f"[lp-export] latency: batch {list(cfg.latency_batch_sizes)}, {cfg.threads} thread(s), "
-            f"{cfg.warmup} warm-up + {cfg.iters} interleaved runs")
-        lat = measure_latency(paths, latency_inputs(x_test, cfg.latency_batch_sizes), cfg.threads, cfg.warmup,
-                              cfg.iters, SESSION_CONFIGS)
+        paths, quant = _write_models(plain, proto, calib, qparams, staging, cfg, log)
+        quant["fp32"] = {"exporter": "torch.onnx dynamo", "parity_max_abs": diff}
+        metrics, lat = _measure(paths, out, splits, ref, others, cfg, log)
         for fmt, entries in SESSION_CONFIGS.items():
             if fmt in quant:
                 quant[fmt]["session_config"] = dict(entries)
         formats = {f: format_entry(metrics[f], lat[f], cfg.latency_batch_sizes, cfg.threads, quant.get(f))
                    for f in paths}
         add_ratios(formats)
-        report = {
+        report: dict[str, Any] = {
             "formats": formats,
             "cpu": {**cpu_info(), "threads": cfg.threads},
             "checkpoint": str(ckpt_path),
@@ -166,12 +205,6 @@ def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
         }
         report["failures"] = check_thresholds(formats, cfg.thresholds)
         report["passed"] = not report["failures"]
-        write_json(out / REPORT_NAME, report)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        raise
+        _publish(paths, out, report)
     log(f"[lp-export] report: {out / REPORT_NAME}")
     return report

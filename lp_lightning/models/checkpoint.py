@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lp_lightning.cli import one_line
 from lp_lightning.data import TensorDataModule, build_datamodule
 from lp_lightning.models.classifier import Classifier
 
@@ -71,14 +72,9 @@ def load_classifier(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str,
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
         model.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not rebuild a Classifier: {_one_line(exc)}") from exc
+        cause = one_line(exc, limit=400)  # a state-dict error has its cause on the second line
+        raise CheckpointError(f"checkpoint {str(path)!r} does not rebuild a Classifier: {cause}") from exc
     return model.float().eval(), ckpt
-
-
-def _one_line(exc: BaseException, limit: int = 400) -> str:
-    """``exc``'s message on one line (state-dict errors put the cause on their second line), shortened."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def datamodule_from_hparams(hparams: dict[str, Any], source: str | os.PathLike[str] | None = None,
@@ -97,4 +93,5 @@ def datamodule_from_hparams(hparams: dict[str, Any], source: str | os.PathLike[s
     try:
         return build_datamodule(name, **data)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}hyper_parameters.data does not build a datamodule: {_one_line(exc)}") from exc
+        cause = one_line(exc, limit=400)
+        raise CheckpointError(f"{where}hyper_parameters.data does not build a datamodule: {cause}") from exc

@@ -107,3 +107,12 @@ def test_int4_learned_per_group_scales_reproduce_snapped_weights(onnx_models, tm
     # fp32 compute (level 0) reproduces the snapped model; level 4 also quantizes the inputs to int8
     atol = 1e-4 if accuracy_level == 0 else 0.05 * float(np.abs(ref).max())
     np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x), ref, atol=atol)
+
+
+@pytest.mark.parametrize("block_size", [8, 48])
+def test_int4_quantizer_failure_is_an_export_error(onnx_models, tmp_path, block_size):
+    """onnxruntime's RuntimeError for a block size MLAS cannot handle becomes a one-line ExportError."""
+    with pytest.raises(ExportError, match=f"int4 MatMulNBitsQuantizer failed \\(block_size={block_size},") as info:
+        export_int4(onnx_models["mlp"][1], tmp_path / "m.onnx", block_size=block_size)
+    assert "\n" not in str(info.value) and "[16, 32, 64, 128, 256]" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
