@@ -93,6 +93,16 @@ class _SavedAs16Bit:
         return up if view is None else up.as_strided(*view)
 
 
+def _checkpointing() -> bool:
+    """Whether non-reentrant activation checkpointing's saved-tensor hooks are the innermost ones here.
+
+    Then the products leave their saved tensors to it: ours would keep the 16-bit operands alive past the
+    checkpointed segment, which checkpointing exists to free (it recomputes them in backward).
+    """
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and hooks[0].__qualname__.startswith(("_checkpoint_hook.", "_recomputation_hook."))
+
+
 class Fp32Accumulate(TorchFunctionMode):
     """Run matrix products on ``dtype`` operands in fp32 and round their results back to ``dtype``.
 
@@ -118,6 +128,8 @@ class Fp32Accumulate(TorchFunctionMode):
         if kwargs:
             kwargs = {k: _up(v, low, upcast, layout) for k, v in kwargs.items()}
         if not torch.is_grad_enabled():
+            return func(*up_args, **kwargs).to(low)
+        if _checkpointing():  # it must see the same saved tensors in forward and recompute: let it save them
             return func(*up_args, **kwargs).to(low)
         keep = (args[0] if args else kwargs["query"]).dim() if func is _SDPA else 0
         hooks = _SavedAs16Bit(low, upcast, keep)

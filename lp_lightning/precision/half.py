@@ -137,7 +137,9 @@ class PureHalfPrecision(HalfPrecision):
 
     def backward(self, tensor: torch.Tensor, model: pl.LightningModule, optimizer: Any,  # type: ignore[override]
                  *args: Any, **kwargs: Any) -> None:
-        with self.compute_context():
+        # the forward scope too: activation checkpointing recomputes module forwards inside backward, and
+        # torch does not carry the backward's function mode into them
+        with self.compute_context(), self._forward_scope():
             super().backward(tensor, model, optimizer, *args, **kwargs)
 
     def unscale_gradients(self, optimizer: Optimizer) -> bool:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lp_lightning.precision import PureHalfPrecision, fp32_compute
@@ -364,3 +367,57 @@ def test_a_deep_copy_follows_the_plugins_context(monkeypatch):
     with plugin.forward_context():
         copied(x)
     assert F.linear in seen
+
+
+class _Checkpointed(L.LightningModule):
+    """Two Linear layers with a ReLU between them, optionally under non-reentrant activation checkpointing."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.checkpointed = nn.Linear(64, 64), nn.Linear(64, 64), checkpointed
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def _inner(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self._inner, x, use_reentrant=False) if self.checkpointed else self._inner(x)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).float().square().mean()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.grads = {n: p.grad.clone() for n, p in self.named_parameters()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    data = DataLoader(TensorDataset(torch.randn(32, 64)), batch_size=32)
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)
+        model = _Checkpointed(checkpointed)
+        trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, accelerator="cpu",
+                            plugins=[PureHalfPrecision("float16", compute="fp32_accumulate")])
+        trainer.fit(model, data)
+        grads.append(model.grads)
+    assert grads[1]["a.weight"].dtype == torch.float16
+    for name in grads[0]:  # the recompute runs the same fp32 products: bit-identical gradients
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_products_leave_their_saved_tensors_to_checkpointing(monkeypatch) -> None:
+    packed = []
+    original = _SavedAs16Bit.pack
+    monkeypatch.setattr(_SavedAs16Bit, "pack", lambda self, t: packed.append(t) or original(self, t))
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).half()
+    x = torch.randn(4, 8, dtype=torch.float16, requires_grad=True)
+    with Fp32Accumulate(torch.float16):
+        net(x)
+        assert packed  # outside checkpointing the products store 16-bit operands themselves
+        packed.clear()
+        out = checkpoint(net, x, use_reentrant=False)  # which then frees them and recomputes in backward
+    assert not packed and out.dtype == torch.float16
