@@ -188,7 +188,10 @@ def _float(value: object) -> float | None:
 
 
 def fix_optimizer(optimizer: torch.optim.Optimizer, checks: Sequence[EpsCheck] | None = None) -> list[EpsCheck]:
-    """Raise each flagged group's eps to its safe value (the largest over its dtypes); return what changed."""
+    """Raise each flagged group's eps to its safe value (the largest over its dtypes); return what changed.
+
+    The optimizer's default eps is raised as well, so a param group added later starts from a safe one.
+    """
     checks = check_optimizer(optimizer) if checks is None else checks
     changed = []
     for i, group in enumerate(optimizer.param_groups):
@@ -196,6 +199,9 @@ def fix_optimizer(optimizer: torch.optim.Optimizer, checks: Sequence[EpsCheck] |
         if flagged:
             group["eps"] = max(c.safe_eps for c in flagged if c.safe_eps is not None)
             changed.extend(flagged)
+            default = _float(optimizer.defaults.get("eps"))
+            if default is not None and default < group["eps"]:
+                optimizer.defaults["eps"] = group["eps"]
     return changed
 
 

@@ -63,7 +63,7 @@ class EpsilonGuard(Callback):
         self.checks: list[EpsCheck] = []  # the verdicts of the first check
         self.changes: list[tuple[EpsCheck, float]] = []  # (flagged check, new eps) made by action="fix"
         self.history: list[dict[str, float]] = []  # run-time statistics, one dict per checked step
-        self._checked: set[int] = set()
+        self._checked: dict[int, int] = {}  # id(optimizer) -> number of its param groups checked
         self._warned: set[str] = set()
         self._before: dict[int, list[torch.Tensor]] = {}
 
@@ -81,16 +81,19 @@ class EpsilonGuard(Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap a LightningOptimizer
         idx = _index(trainer, optimizer)
-        self._check(idx, optimizer)  # an optimizer not seen at train start (no-op otherwise)
+        self._check(idx, optimizer)  # an optimizer or param group not seen yet (no-op otherwise)
         if self._due(trainer):
             self._before[idx] = snapshot(optimizer_params(optimizer))
 
     def _check(self, idx: int, optimizer: torch.optim.Optimizer) -> None:
-        if id(optimizer) in self._checked:
+        """Check the optimizer's param groups not checked yet (all at first; later, groups added since,
+        e.g. by ``BackboneFinetuning`` unfreezing a backbone)."""
+        seen = self._checked.get(id(optimizer), 0)
+        if seen == len(optimizer.param_groups):
             return
-        self._checked.add(id(optimizer))
+        self._checked[id(optimizer)] = len(optimizer.param_groups)
         name = f"optimizer {idx} ({type(optimizer).__name__})"
-        checks = check_optimizer(optimizer, name)
+        checks = [c for c in check_optimizer(optimizer, name) if c.group >= seen or (c.group < 0 and not seen)]
         self.checks.extend(checks)
         for c in checks:
             if c.status in ("no_eps", "unchecked"):

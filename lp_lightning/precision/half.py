@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.precision.utils import _DtypeContextManager
 from lightning.pytorch.plugins.precision import HalfPrecision
-from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.optim import LBFGS, Optimizer
@@ -68,6 +68,7 @@ class PureHalfPrecision(HalfPrecision):
         self._scope = ForwardScope(self.compute_dtype)
         self._backward_scale: float | None = None
         self._found_inf: dict[int, bool] = {}  # per optimizer, set when its gradients were unscaled
+        self._warned_loss_overflow = False
 
     # ------------------------------------------------------------------ module, inputs, compute mode
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -132,8 +133,21 @@ class PureHalfPrecision(HalfPrecision):
         if self.scaler is not None:
             self._backward_scale = self.scaler.scale
             self._found_inf.clear()  # new gradients: a manual loop may have unscaled (clipped) and not stepped
-            tensor = self.scaler.scale_loss(tensor)
+            scaled = self.scaler.scale_loss(tensor)
+            if scaled.dtype in (torch.float16, torch.bfloat16) and not self._warned_loss_overflow:
+                self._warn_if_loss_overflows(tensor, scaled)
+            tensor = scaled
         return super().pre_backward(tensor, module)
+
+    def _warn_if_loss_overflows(self, loss: torch.Tensor, scaled: torch.Tensor) -> None:
+        """Once: a 16-bit loss times the scale is inf (loss finite), so every such step is skipped."""
+        if bool(torch.isfinite(scaled).all()) or not bool(torch.isfinite(loss).all()):
+            return
+        self._warned_loss_overflow = True
+        fate = "backs off until it fits" if self.scaler.dynamic else "is fixed, so every step is skipped"
+        rank_zero_warn(f"PureHalfPrecision: the loss is {_dtype_name(loss.dtype)} and loss * {self.scaler.scale:g} "
+                       f"overflows it (max {torch.finfo(loss.dtype).max:g}); the scale {fate}. Compute the loss "
+                       "in float32, e.g. F.cross_entropy(logits.float(), y)")
 
     def backward(self, tensor: torch.Tensor, model: pl.LightningModule, optimizer: Any,  # type: ignore[override]
                  *args: Any, **kwargs: Any) -> None:
@@ -179,6 +193,20 @@ class PureHalfPrecision(HalfPrecision):
         if clip_val > 0:
             self.unscale_gradients(optimizer)
         super().clip_gradients(optimizer, clip_val=clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        """Clip by the total gradient norm computed in fp32: in fp16 a norm above 65504 is inf, and torch's
+        ``clip_grad_norm_`` would then multiply every gradient by 0 instead of clipping it."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norms = [torch.linalg.vector_norm(g.coalesce()._values() if g.is_sparse else g, dtype=torch.float32)
+                 for g in grads]
+        device = norms[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        coef = torch.clamp(clip_val / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device))
 
     def _log_scale(self, model: Any) -> None:
         if self.scaler is None or not isinstance(model, pl.LightningModule) or model._trainer is None:

@@ -44,22 +44,27 @@ class LossScaler:
         self.skipped_steps = 0
 
     def scale_loss(self, loss: Tensor) -> Tensor:
-        """``loss * scale`` (the multiplication happens in the loss's dtype, normally fp32)."""
+        """``loss * scale``, in the loss's dtype: a 16-bit loss overflows there from ``finfo.max / |loss|`` on
+        (65504 in fp16), which :class:`PureHalfPrecision` warns about; compute the loss on fp32 logits."""
         return loss * self.scale
 
     @torch.no_grad()
     def unscale_(self, params: Iterable[Tensor], scale: float | None = None) -> bool:
         """Divide every ``.grad`` by ``scale`` (default: the current scale) in place; True if any is inf/nan."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for p in params:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:  # unscale the values in place: coalesce the gradient itself first, as GradScaler does
+                if not g.is_coalesced():
+                    p.grad = g = g.coalesce()
+                g = g._values()
+            by_device.setdefault(g.device, []).append(g)
+        if not by_device:
             return False
         inv = 1.0 / (self.scale if scale is None else scale)
         found = False
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            if g.is_sparse:
-                g = g.coalesce()._values()
-            by_device.setdefault(g.device, []).append(g)
         for device, group in by_device.items():
             # explicit fp32: in manual loops this runs under the plugin's 16-bit default dtype
             found_inf = torch.zeros(1, dtype=torch.float32, device=device)

@@ -131,3 +131,42 @@ def test_hydra_safety_group_and_action_override() -> None:
     guards = [c for c in callbacks if isinstance(c, EpsilonGuard)]
     assert len(guards) == 1 and guards[0].action == "fix"
     assert {type(c).__name__ for c in callbacks} == {"EpsilonGuard", "NumericsMonitor"}
+
+
+class _LateGroupClassifier(Classifier):
+    """Trains the head only, then adds the features as a second param group at step 2 (as fine-tuning
+    callbacks do when they unfreeze a backbone); ``late_eps`` is that group's own eps (None: the default)."""
+
+    def __init__(self, late_eps: float | None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.late_eps = late_eps
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.net.classifier.parameters(), lr=1e-3, eps=1e-8, foreach=False)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.global_step == 2:
+            group = {"params": list(self.net.features.parameters())}
+            if self.late_eps is not None:
+                group["eps"] = self.late_eps
+            self.trainer.optimizers[0].add_param_group(group)
+
+
+@pytest.mark.parametrize("late_eps", [None, 1e-8])
+def test_fix_covers_a_param_group_added_later(tmp_path: Path, late_eps: float | None) -> None:
+    model = _LateGroupClassifier(late_eps, net="mlp", input_shape=[1, 8, 8], num_classes=10)
+    guard = EpsilonGuard(action="fix")
+    _, trainer = _fit(tmp_path, "float16", {}, guard, steps=4, model=model)
+    optimizer = trainer.optimizers[0]
+    assert [g["eps"] for g in optimizer.param_groups] == [2.0**-12, 2.0**-12]
+    assert optimizer.defaults["eps"] == 2.0**-12
+    # a group that came with the (now safe) default needs no fix; one with its own 1e-8 is fixed at its first step
+    assert [(c.group, c.status) for c, _ in guard.changes] == [(0, "zero")] + ([(1, "zero")] if late_eps else [])
+
+
+def test_raise_covers_a_param_group_added_later(tmp_path: Path) -> None:
+    model = _LateGroupClassifier(1e-8, net="mlp", input_shape=[1, 8, 8], num_classes=10)
+    model.configure_optimizers = lambda: torch.optim.Adam(model.net.classifier.parameters(), lr=1e-3, eps=1e-3)
+    with pytest.raises(UnsafeEpsilonError, match="group 1"):
+        _fit(tmp_path, "float16", {}, EpsilonGuard(action="raise"), steps=4, model=model)
+    assert model.global_step == 2  # stopped before the step that would use the new group

@@ -205,3 +205,51 @@ def test_clip_without_step_does_not_leave_the_next_gradients_scaled(tmp_path):
     # every backward's gradients were unscaled before clipping (a no-op at this clip value): true norms of a
     # cross-entropy gradient are O(1), while still-scaled ones would be ~2**10 times larger
     assert len(model.grad_norms) == 6 and all(0 < n < 50 for n in model.grad_norms), model.grad_norms
+
+
+def test_uncoalesced_sparse_gradients_are_unscaled_in_place():
+    emb = torch.nn.Embedding(4, 3, sparse=True).half()
+    emb(torch.tensor([1, 1, 2])).float().sum().mul(1024.0).backward()  # row 1 twice: an uncoalesced gradient
+    assert not emb.weight.grad.is_coalesced()
+    assert not LossScaler(init_scale=1024.0).unscale_([emb.weight])
+    dense = emb.weight.grad.to_dense()
+    assert dense.dtype == torch.float16
+    assert torch.equal(dense[1], torch.full((3,), 2.0, dtype=torch.float16))
+    assert torch.equal(dense[2], torch.ones(3, dtype=torch.float16)) and not dense[[0, 3]].any()
+
+
+def test_norm_clipping_of_a_norm_beyond_fp16_clips_instead_of_zeroing():
+    params = [torch.nn.Parameter(torch.zeros(100, 100, dtype=torch.float16)) for _ in range(2)]
+    params[0].grad = torch.full((100, 100), 1000.0, dtype=torch.float16)  # norm 1e5: inf in fp16
+    params[1].grad = torch.full((100, 100), -1.0, dtype=torch.float16)
+    plugin = PureHalfPrecision("float16")
+    plugin.clip_gradients(torch.optim.SGD(params, lr=0.1), clip_val=1.0)
+    norm = torch.linalg.vector_norm(torch.cat([p.grad.float().flatten() for p in params]))
+    assert norm.item() == pytest.approx(1.0, rel=1e-2) and params[1].grad.min() < 0
+    small = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))]
+    small[0].grad = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float16)
+    before = small[0].grad.clone()
+    plugin.clip_gradients(torch.optim.SGD(small, lr=0.1), clip_val=1.0)
+    assert torch.equal(small[0].grad, before)  # below the bound: untouched
+
+
+class _HalfLoss(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(8, 4)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])  # fp16 logits: an fp16 loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_16bit_loss_that_overflows_when_scaled_is_warned_about():
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 4, (64,)))
+    plugin = PureHalfPrecision("float16", loss_scale=2.0**16, compute="native")
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu", plugins=[plugin])
+    with pytest.warns(UserWarning, match=r"loss is float16 and loss \* 65536 overflows.*fixed, so every step"):
+        trainer.fit(_HalfLoss(), torch.utils.data.DataLoader(data, batch_size=32))
+    assert plugin.scaler.skipped_steps == 2
