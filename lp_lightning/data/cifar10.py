@@ -70,7 +70,9 @@ class Cifar10DataModule(TensorDataModule):
     input_shape = (3, 32, 32)
 
     def __init__(self, data_dir: str | None = None, normalize: bool = True, **kwargs) -> None:
-        kwargs.setdefault("test_fraction", 0.0)
+        if kwargs.setdefault("test_fraction", 0.0) != 0.0:  # the test split is the official test_batch
+            raise ValueError(f"test_fraction={kwargs['test_fraction']!r} is not used by cifar10: its test split is "
+                             "test_batch (10,000 images); set val_fraction to split the training batches")
         super().__init__(**kwargs)
         if not data_dir:
             raise ValueError("data_dir is required for cifar10: the folder with data_batch_1..5 and test_batch")

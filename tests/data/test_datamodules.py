@@ -76,3 +76,25 @@ def test_cifar10_batch_cannot_run_code(tmp_path: Path) -> None:
 def test_unknown_datamodule_lists_allowed() -> None:
     with pytest.raises(ValueError, match=r"data='mnist'.*cifar10.*digits.*synthetic"):
         build_datamodule("mnist")
+
+
+def test_cifar10_test_split_is_the_test_batch_normalized_per_channel(tmp_path: Path) -> None:
+    folder = write_tiny_cifar(tmp_path, per_batch=20)
+    with (folder / "test_batch").open("rb") as fh:
+        raw = pickle.load(fh)
+    x, y = Cifar10DataModule(data_dir=str(tmp_path)).dataset("test").tensors
+    pixels = torch.from_numpy(raw[b"data"]).float().reshape(-1, 3, 32, 32) / 255.0  # R, G, B planes of 1024
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2470, 0.2435, 0.2616])
+    torch.testing.assert_close(x, (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    assert y.tolist() == raw[b"labels"]
+    plain = Cifar10DataModule(data_dir=str(tmp_path), normalize=False).dataset("test").tensors[0]
+    torch.testing.assert_close(plain, pixels)
+
+
+def test_cifar10_split_is_seeded_and_test_fraction_is_refused(tmp_path: Path) -> None:
+    write_tiny_cifar(tmp_path, per_batch=20)
+    a, b, c = (Cifar10DataModule(data_dir=str(tmp_path), val_fraction=0.2, seed=s) for s in (1, 1, 2))
+    va, vb, vc = (m.dataset("val").tensors[0] for m in (a, b, c))
+    assert len(va) == 20 and torch.equal(va, vb) and not torch.equal(va, vc)
+    with pytest.raises(ValueError, match=r"test_fraction=0.2 is not used by cifar10.*test_batch"):
+        Cifar10DataModule(data_dir=str(tmp_path), test_fraction=0.2)
