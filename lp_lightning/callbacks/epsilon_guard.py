@@ -81,8 +81,8 @@ class EpsilonGuard(Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap a LightningOptimizer
         idx = _index(trainer, optimizer)
-        self._check(idx, optimizer)  # an optimizer or param group not seen yet (no-op otherwise)
-        if self._due(trainer):
+        self._check(idx if idx is not None else len(trainer.optimizers), optimizer)  # new optimizer or group
+        if idx is not None and self._due(trainer):  # statistics only for the Trainer's own optimizers
             self._before[idx] = snapshot(optimizer_params(optimizer))
 
     def _check(self, idx: int, optimizer: torch.optim.Optimizer) -> None:
@@ -119,8 +119,10 @@ class EpsilonGuard(Callback):
 
     # ---- during training -------------------------------------------------------------------------
     def _due(self, trainer: L.Trainer) -> bool:
+        """Every n-th training step; with several optimizers stepping per batch (manual optimization moves
+        ``global_step`` once per optimizer step) all of them are sampled on the same batches."""
         n = self.check_every_n_steps
-        return n > 0 and trainer.global_step % n == 0
+        return n > 0 and (trainer.global_step // max(1, len(trainer.optimizers))) % n == 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -183,8 +185,8 @@ def _dt(c: EpsCheck) -> str:
     return str(c.dtype).removeprefix("torch.")
 
 
-def _index(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> int:
+def _index(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> int | None:
     for i, opt in enumerate(trainer.optimizers):
         if opt is optimizer:
             return i
-    return 0
+    return None

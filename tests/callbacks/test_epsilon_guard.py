@@ -170,3 +170,30 @@ def test_raise_covers_a_param_group_added_later(tmp_path: Path) -> None:
     with pytest.raises(UnsafeEpsilonError, match="group 1"):
         _fit(tmp_path, "float16", {}, EpsilonGuard(action="raise"), steps=4, model=model)
     assert model.global_step == 2  # stopped before the step that would use the new group
+
+
+class _TwoOptimizers(L.LightningModule):
+    """Manual optimization stepping two Adam optimizers per batch (global_step moves by 2 per batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = torch.nn.Linear(64, 10), torch.nn.Linear(64, 10)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        x = batch[0].flatten(1)
+        for net, opt in zip((self.a, self.b), self.optimizers(), strict=True):
+            opt.zero_grad()
+            self.manual_backward(net(x).square().mean())
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.a.parameters(), lr=1e-3), torch.optim.Adam(self.b.parameters(), lr=1e-3)]
+
+
+def test_statistics_cover_every_optimizer_of_a_manual_step(tmp_path: Path) -> None:
+    guard = EpsilonGuard(action="raise", check_every_n_steps=2)
+    _fit(tmp_path, None, {}, guard, steps=8, model=_TwoOptimizers())  # max_steps counts optimizer steps: 4 batches
+    assert [h["step"] for h in guard.history] == [2.0, 6.0]  # batches 0 and 2 (global_step at their end)
+    for h in guard.history:
+        assert {"epsilon_guard/max_update_over_lr_0", "epsilon_guard/max_update_over_lr_1"} <= set(h)
