@@ -61,22 +61,30 @@ def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray, 
     logits = predict(session(path, threads, config=config), np.ascontiguousarray(x, dtype=np.float32))
     logits = logits.astype(np.float32)
     audit = summarize(torch.from_numpy(logits), torch.from_numpy(ref_logits.astype(np.float32)))
+    finite = np.isfinite(logits).all(axis=1)  # a row with inf/nan predicts nothing (as the Lemma-1 audit counts it)
+    pred = np.where(finite, np.nan_to_num(logits).argmax(1), -1)
     extra: dict[str, float] = {}
     for name, other in (other_refs or {}).items():
-        extra[f"agreement_{name}"] = float((logits.argmax(1) == other.argmax(1)).mean())
-        extra[f"max_abs_logit_diff_{name}"] = float(np.abs(logits - other).max())
+        extra[f"agreement_{name}"] = float((pred == other.argmax(1)).mean())
+        extra[f"max_abs_logit_diff_{name}"] = _max_abs_diff(logits, other, finite)
     return {
         **extra,
         "path": str(path),
         "size_bytes": file_size(path),
-        "accuracy": float((logits.argmax(1) == y).mean()),
-        "agreement": float((logits.argmax(1) == ref_logits.argmax(1)).mean()),
+        "accuracy": float((pred == y).mean()),
+        "agreement": float((pred == ref_logits.argmax(1)).mean()),
         "certified_fraction": float(audit["certified_fraction"]),
         "violations": int(audit["violations"]),
-        "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
+        "max_abs_logit_diff": _max_abs_diff(logits, ref_logits, finite),
+        "nonfinite": int((~finite).sum()),
         "n_samples": len(y),
         "op_types": optimized_op_types(path, threads, config),
     }
+
+
+def _max_abs_diff(logits: np.ndarray, ref: np.ndarray, finite: np.ndarray) -> float:
+    """Largest |logit difference| over the rows with finite logits (``nonfinite`` counts the others)."""
+    return float(np.abs(logits[finite] - ref[finite]).max()) if finite.any() else float("nan")
 
 
 def measure_latency(paths: Mapping[str, str | os.PathLike[str]], inputs: Mapping[int, np.ndarray],
