@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -27,3 +28,10 @@ def test_quick_reproduction_writes_every_section(tmp_path: Path) -> None:
     export_row = raw["results"]["export"]["rows"][0]
     assert export_row["model"] == "mlp" and export_row["int8_size_x"] < 1.0
     assert raw["results"]["speed"]["memory"][0]["fp16_ratio"] == 0.5
+
+
+def test_a_selection_without_cnn_or_mlp_has_no_lemma1_step() -> None:
+    args = argparse.Namespace(quick=True, seeds=None, epochs=1, models=["vit"], precisions=["fp32", "fp16"], jobs=1)
+    assert reproduce.plan(args)["lemma1"] == []
+    assert reproduce.run_lemma1([], Path("img"), ["fp16"]) == {"rows": []}
+    assert reproduce.run_lemma1(["--models", "mlp"], Path("img"), []) == {"rows": []}  # only fp32: nothing to audit

@@ -53,7 +53,7 @@ def test_sweep_output_is_tabulated_without_training(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = table2.main(["--no-train", "--root", str(tmp_path), "--models", "mlp", "--precisions", "fp32", "fp16",
-                         "--seeds", "0", "1"])
+                         "--seeds", "0", "1", "--epochs", "1"])
     for precision in ("fp32", "fp16"):
         accs = [100 * json.loads((tmp_path / "mlp" / precision / f"seed{s}" / "metrics.json").read_text())["test_acc"]
                 for s in (0, 1)]
@@ -63,3 +63,12 @@ def test_sweep_output_is_tabulated_without_training(tmp_path: Path) -> None:
         assert cell["acc_std"] == pytest.approx(statistics.stdev(accs))
     assert table["mlp"]["fp16"]["acc_diff_vs_fp32"] == pytest.approx(
         table["mlp"]["fp16"]["acc_mean"] - table["mlp"]["fp32"]["acc_mean"])
+
+
+def test_finished_runs_with_other_settings_are_refused(tmp_path: Path) -> None:
+    args = ["--root", str(tmp_path), "--models", "mlp", "--precisions", "fp32", "--seeds", "0"]
+    table2.main([*args, "--epochs", "1"])  # trains one run
+    assert table2.main([*args, "--epochs", "1", "--no-train"])["mlp"]["fp32"]["epochs"] == 1  # same settings: read
+    with pytest.raises(SystemExit, match=r"1 finished run\(s\).*trained with other settings.*trainer.max_epochs "
+                                         r"was 1, asked 3"):
+        table2.main([*args, "--epochs", "3"])

@@ -1,10 +1,13 @@
 """Time one training step of a Linear-heavy MLP: FP8 (Float8Precision) versus bf16, side by side.
 
-Variants run interleaved in ONE process (round-robin, median per variant), so machine load hits all
-alike; the report is ratios. On a CPU (emulated FP8) it measures the emulation cost; on a CUDA GPU
-with FP8 (capability >= 8.9) it measures the real speedup with 4096-wide layers (torch.compile on).
+Variants run interleaved in ONE process: ``--warmup`` untimed steps of each variant first, then ``--steps``
+rounds of one timed step per variant, the order within a round rotating so no variant always goes first;
+the median per variant is reported, and ratios, so machine load hits all alike. On a CPU (emulated FP8) it
+measures the emulation cost; on a CUDA GPU with FP8 (capability >= 8.9) it measures the real speedup with
+4096-wide layers (torch.compile on). On a shared CPU pass ``--threads 1``: oversubscribed OpenMP threads
+distort the ratios.
 
-    python -m lp_lightning.tools.bench.fp8_speed [--width 512 --batch 256 --steps 10 --out r.json]
+    python -m lp_lightning.tools.bench.fp8_speed [--threads 1 --width 512 --batch 256 --steps 10 --out r.json]
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from lp_lightning.precision.fp8 import Float8Precision, fp8_hardware_missing
 def device_defaults(device: str) -> dict[str, int | bool]:
     """Sizes by device: 4096-wide layers where FP8 kernels exist, smaller ones for CPU emulation."""
     if device == "cuda":
-        return {"width": 4096, "batch": 8192, "depth": 4, "steps": 20, "compile": True}
-    return {"width": 512, "batch": 256, "depth": 4, "steps": 8, "compile": False}
+        return {"width": 4096, "batch": 8192, "depth": 4, "steps": 20, "warmup": 3, "compile": True}
+    return {"width": 512, "batch": 256, "depth": 4, "steps": 8, "warmup": 2, "compile": False}
 
 
 def linear_heavy(width: int, depth: int) -> nn.Module:
@@ -71,22 +74,31 @@ def make_step(variant: str, args: argparse.Namespace, device: str) -> Callable[[
     return step
 
 
-def measure(variants: list[str], args: argparse.Namespace, device: str) -> dict[str, float]:
-    """Median seconds per step of each variant, timed round-robin after warm-up."""
+def round_orders(variants: list[str], rounds: int) -> list[list[str]]:
+    """The order of the variants in each timed round: rotated by one per round, so each goes first equally."""
+    n = len(variants)
+    return [variants[r % n:] + variants[: r % n] for r in range(rounds)]
+
+
+def measure(variants: list[str], args: argparse.Namespace, device: str) -> dict[str, list[float]]:
+    """Seconds of each timed step per variant: ``args.warmup`` untimed steps of every variant first, then
+    ``args.steps`` interleaved rounds (one step per variant, order from ``round_orders``)."""
     steps = {v: make_step(v, args, device) for v in variants}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for fn in steps.values():
-        for _ in range(3 if args.compile else 1):
+        for _ in range(args.warmup):
             fn()
+    sync()
     times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.steps):
-        for v, fn in steps.items():
+    for order in round_orders(variants, args.steps):
+        for v in order:
+            fn = steps[v]
             sync()
             start = time.perf_counter()
             fn()
             sync()
             times[v].append(time.perf_counter() - start)
-    return {v: statistics.median(t) for v, t in times.items()}
+    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,16 +110,35 @@ def main(argv: list[str] | None = None) -> dict:
             parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=value)
         else:
             parser.add_argument(f"--{key}", type=int, default=value)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; 1 on "
+                        "a shared machine)")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
+    previous_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _report(args, device)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _report(args: argparse.Namespace, device: str) -> dict:
     missing = fp8_hardware_missing()
     variants = ["bf16", "fp8", "fp8_rowwise"] if device == "cuda" else ["fp32", "bf16", "fp8", "fp8_fp32"]
-    seconds = measure(variants, args, device)
+    threads = torch.get_num_threads()
     mode = "real FP8 kernels" if missing is None else f"emulated FP8 ({missing})"
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "fp8_mode": mode,
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"{name}, {mode}; width {args.width}, batch {args.batch}, depth {args.depth}; threads {threads}; "
+          f"{args.warmup} untimed warm-up steps per variant, then {args.steps} interleaved rounds (rotating order)",
+          flush=True)
+    times = measure(variants, args, device)
+    seconds = {v: statistics.median(t) for v, t in times.items()}
+    report = {"device": name, "fp8_mode": mode,
               "width": args.width, "batch": args.batch, "depth": args.depth, "steps": args.steps,
-              "compile": args.compile, "threads": torch.get_num_threads(),
+              "warmup": args.warmup, "compile": args.compile, "threads": threads,
               "ms_per_step": {v: 1e3 * s for v, s in seconds.items()},
+              "ms_per_round": {v: [1e3 * s for s in t] for v, t in times.items()},
               "fp8_over_bf16": seconds["fp8"] / seconds["bf16"]}
     if device == "cuda":
         report["speedup_fp8_vs_bf16"] = seconds["bf16"] / seconds["fp8"]
@@ -115,9 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         report["fp8_fp32_over_fp32"] = seconds["fp8_fp32"] / seconds["fp32"]
         report["bf16_over_fp32"] = seconds["bf16"] / seconds["fp32"]
-    print(f"{report['device']}, {mode}; width {args.width}, batch {args.batch}, depth {args.depth}")
     for v, s in seconds.items():
-        print(f"  {v:12s} {1e3 * s:9.2f} ms/step  ({s / seconds['bf16']:.2f}x bf16)")
+        rel = f"{s / seconds['bf16']:.2f}x bf16" + (f", {s / seconds['fp32']:.2f}x fp32" if "fp32" in seconds else "")
+        print(f"  {v:12s} {1e3 * s:9.2f} ms/step  ({rel})")
     if args.out:
         write_json(args.out, report)
     return report

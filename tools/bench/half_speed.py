@@ -163,6 +163,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="also time a plain torch loop (no Lightning) for this many interleaved rounds")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error(f"--steps {args.steps}: at least 2 (the first step of each round warms up and is not timed)")
+    if args.plain_rounds == 1 or args.plain_rounds < 0:
+        parser.error(f"--plain-rounds {args.plain_rounds}: 0 (off) or at least 2 (the first round is not timed)")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -181,8 +187,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in mem:
         print(f"| {r['model']} | {r['optimizer']} | {r['fp32_bytes']:,} | {r['fp16_bytes']:,} | {r['bf16_bytes']:,} "
               f"| {r['fp16_ratio']:.4f} | {r['bf16_ratio']:.4f} |")
-    print("(params + grads + optimizer state; Adam's 4-byte step counters are fp32 in every precision and "
-          "left out)\n")
+    counters = ", ".join(f"{r['model']} {r['fp16_step_counter_bytes']} B" for r in mem if r["fp16_step_counter_bytes"])
+    print("(params + grads + optimizer state; Adam's step counters, 4-byte fp32 scalars in every precision, are "
+          f"left out: {counters or 'none'})\n")
     result: dict[str, Any] = {"info": info, "memory": mem, "speed": []}
     if not args.skip_speed:
         for net in args.models:
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\n| model | " + " | ".join(keys) + " |")
         print("|---|" + "---:|" * len(keys))
         for r in result["speed"]:
-            print(f"| {r['model']} | " + " | ".join(f"{r[k]:.2f}x" for k in keys) + " |")
+            print(f"| {r['model']} | " + " | ".join(f"{r[k]:.3f}x" for k in keys) + " |")
     if args.plain_rounds:
         result["plain"] = [plain_speed(net, args.plain_rounds, args.batch_size, device) for net in args.models]
         names = list(result["plain"][0]["best_ms"])

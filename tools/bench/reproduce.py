@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import platform
 import shlex
 import sys
@@ -41,6 +42,11 @@ PAPER_TABLE3 = ("Paper (CIFAR-10, FP16 + Adam): ResNet-18 74.4 / 78.2 / 74.7 / 2
                 "78.5 / 79.7 / 77.7 / 18.2 / 17.0 / 10.0 for eps = 1e-2 .. 1e-7.")
 
 
+def table2_threads(jobs: int) -> int:
+    """Torch threads per table 2 run: the two cores shared by ``jobs`` parallel runs."""
+    return max(1, 2 // jobs)
+
+
 def plan(args: argparse.Namespace) -> dict[str, list[str]]:
     """argv of each benchmark for the chosen budget."""
     quick = args.quick
@@ -49,16 +55,24 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
     ep = ["--epochs", str(epochs)] if epochs else []
     models = args.models or ["mlp", "cnn", "vit"]
     speed_models = [m for m in ("mlp", "cnn") if m in models] or ["mlp"]
+    lemma_models = [m for m in ("cnn", "mlp") if m in models]
     return {
-        "table2": ["--seeds", *seeds, *ep, "--jobs", str(args.jobs), "--threads", str(max(1, 2 // args.jobs))],
+        "table2": ["--seeds", *seeds, *ep, "--jobs", str(args.jobs), "--threads", str(table2_threads(args.jobs))],
         "table3": ["--seeds", *(seeds[:1] if quick else seeds[:3]), "--epochs", str(epochs or 5), "--threads", "2",
                    *(["--eps", "1e-2", "1e-4", "1e-8"] if quick else [])],
-        "lemma1": ["--models", *[m for m in ("cnn", "mlp") if m in models], "--epochs", str(epochs or 15)],
+        "lemma1": ["--models", *lemma_models, "--epochs", str(epochs or 15)] if lemma_models else [],
         "export": ["--models", ",".join(models if quick else [*models, "mlp512", "vit128"]),
                    "--iters", "30" if quick else "200"],
-        "speed": ["--models", *speed_models,
+        "speed": ["--models", *speed_models, "--threads", "1",  # one thread: ratios, not the other core's load
                   *(["--rounds", "2", "--steps", "3"] if quick else [])],
     }
+
+
+def run_lemma1(argv: list[str], img: Path, precisions: list[str]) -> dict[str, Any]:
+    """The Lemma 1 audit; nothing to run (no rows) without a cnn/mlp or a precision other than fp32."""
+    if not argv or not precisions:
+        return {"rows": []}
+    return lemma1.main([*argv, "--plots", str(img), "--precisions", *precisions])
 
 
 def run_table2(argv: list[str], work: Path, models: list[str], precisions: list[str]) -> dict[str, Any]:
@@ -121,7 +135,7 @@ def machine() -> dict[str, Any]:
                  platform.processor())
     words = set(flags.split())
     return {
-        "cpu": model, "cores": torch.get_num_threads(),
+        "cpu": model, "cores": os.cpu_count(),
         "isa": {f: f in words for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")},
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(), "platform": platform.platform(),
@@ -133,6 +147,8 @@ def render(results: dict[str, Any], info: dict[str, Any], command: str, seconds:
            img: str) -> str:
     """The markdown page."""
     isa = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["isa"].items())
+    jobs, threads = info.get("table2_jobs", 1), info.get("table2_threads", 1)
+    runs = f"{jobs} at a time, {threads} thread{'s' if threads > 1 else ''} each"
     speed_where = f"GPU ({info['gpu']})" if info["gpu"] else "CPU"
     lemma_rows = [r for r in results["lemma1"]["rows"] if "plot" in r]
     shown = [r for r in lemma_rows if (r["model"], r["precision"]) in PLOTS_SHOWN] or lemma_rows[:4]
@@ -159,10 +175,10 @@ onnx {info['onnx']}, onnxruntime {info['onnxruntime']}, onnxscript {info['onnxsc
 
 `lp-train precision=<p> model=<m> optimizer=sgd seed=<s>` for every mlp and cnn cell (SGD momentum 0.9 as
 in the paper; the vit keeps its AdamW, lr 3e-3, with eps=1e-3, safe in fp16: with SGD and gradient clipping
-the README measures fp16 -0.3 and bf16 -4.1 points; fp16/bf16 are PureHalfPrecision with `compute=auto`, i.e. 16-bit storage with fp32-accumulated
-matrix products on this CPU; fp16_mixed runs as bf16 autocast on a CPU; fp8 is torchao emulation, only on
-the nets with Linear layers it can take). Time per epoch comes from separate runs (two at a time, one
-thread each), so it moves with the machine's load; section 5 measures step times side by side.
+the README measures fp16 -0.3 and bf16 -4.1 points). fp16/bf16 are PureHalfPrecision with `compute=auto`,
+i.e. 16-bit storage with fp32-accumulated matrix products on this CPU; fp16_mixed runs as bf16 autocast on
+a CPU; fp8 is torchao emulation, only on the nets with Linear layers it can take. Time per epoch comes from
+separate runs ({runs}), so it moves with the machine's load; section 5 measures step times side by side.
 {PAPER_TABLE2}
 
 {results['table2']['markdown']}
@@ -194,8 +210,9 @@ agreement = top-1 agreement with the PyTorch fp32 model on the test split.
 
 ## 5. Pure 16-bit memory and step time ({speed_where})
 
-Memory = bytes of parameters + gradients + optimizer state; step time = median training step, variants
-interleaved in one run.
+Memory = bytes of parameters + gradients + optimizer state; step time = the fastest timed training step
+(the first step of each round is not timed; min and median tables are both printed), one thread, variants
+interleaved round by round in one run.
 
 ```
 {results['speed']['text'].strip()}
@@ -226,8 +243,7 @@ def main(argv: list[str] | None = None) -> Path:
         steps: dict[str, Callable[[], Any]] = {
             "table2": lambda: run_table2(argvs["table2"], work, models, args.precisions),
             "table3": lambda: table3.main(argvs["table3"]),
-            "lemma1": lambda: lemma1.main([*argvs["lemma1"], "--plots", str(img),
-                                           "--precisions", *[p for p in args.precisions if p != "fp32"]]),
+            "lemma1": lambda: run_lemma1(argvs["lemma1"], img, [p for p in args.precisions if p != "fp32"]),
             "export": lambda: export_bench_json(argvs["export"], work),
             "speed": lambda: half_speed.main(argvs["speed"]),
         }
@@ -236,6 +252,7 @@ def main(argv: list[str] | None = None) -> Path:
             result, text, seconds[name] = captured(step)
             results[name] = {**result, "text": text} if isinstance(result, dict) else {"result": result, "text": text}
     info = machine()
+    info["table2_jobs"], info["table2_threads"] = args.jobs, table2_threads(args.jobs)
     write_json(args.out_dir / "reproduction.json", {"machine": info, "command": command, "seconds": seconds,
                                                      "results": results})
     page = args.out_dir / "REPRODUCTION.md"

@@ -4,7 +4,8 @@
 
 The same sweep as Hydra multirun: ``lp-train experiment=table2`` (``conf/experiment/table2.yaml``; the vit with
 ``model=vit optimizer=adamw optimizer.eps=1e-3``) writes the same ``<root>/<model>/<precision>/seed<s>`` layout under
-``outputs/table2``, which ``--no-train`` then tabulates.
+``outputs/table2``, which ``--no-train`` then tabulates. A finished run is used only if its ``config.yaml`` has the
+requested SETTINGS; otherwise the sweep stops and names it.
 
 Every run goes through ``lp_lightning.train.run`` with the composed ``lp-train`` config
 (``precision=<p> model=<m> optimizer=sgd seed=<s>``, SGD momentum 0.9 as in the paper; the vit keeps its AdamW
@@ -64,6 +65,29 @@ def run_one(run_dir: str, args: list[str], threads: int | None) -> dict[str, Any
     cfg = compose_config("train", args)
     precision = next(a.split("=", 1)[1] for a in args if a.startswith("precision="))
     return run(cfg, run_dir, precision)
+
+
+# what must match for a finished run to stand for a requested one (the rest: logging, progress bar, guard)
+SETTINGS = ("model", "optimizer", "precision", "data", "seed", "trainer.max_epochs", "trainer.gradient_clip_val")
+
+
+def settings_differ(run_dir: Path, args: list[str]) -> list[str]:
+    """The SETTINGS in which the run in ``run_dir`` (its ``config.yaml``) differs from ``args``' config."""
+    from omegaconf import OmegaConf
+
+    from lp_lightning.config import compose_config
+
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return ["config.yaml missing"]
+    saved, wanted = OmegaConf.load(saved_file), compose_config("train", args)
+
+    def value(cfg: Any, key: str) -> Any:
+        node = OmegaConf.select(cfg, key, default=None)
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    return [f"{key} was {value(saved, key)!r}, asked {value(wanted, key)!r}" for key in SETTINGS
+            if value(saved, key) != value(wanted, key)]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -126,19 +150,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     plan = [(m, p, s) for m in args.models for p in args.precisions for s in args.seeds]
+    vit = (args.vit_optimizer, args.vit_lr, args.vit_eps, args.vit_clip)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    todo = []
+    todo, stale = [], []
     for m, p, s in plan:
         run_dir = args.root / m / p / f"seed{s}"
         metrics = run_dir / "metrics.json"
         if metrics.is_file():
+            differ = settings_differ(run_dir, overrides(m, p, s, args.epochs, *vit))
+            if differ:
+                stale.append(f"{run_dir}: {'; '.join(differ)}")
             results.setdefault((m, p), []).append(json.loads(metrics.read_text()))
         elif not args.no_train:
             todo.append((m, p, s, run_dir))
+    if stale:  # a finished run stands for the requested one only if it was trained with the same settings
+        raise SystemExit(f"table2: {len(stale)} finished run(s) under {str(args.root)!r} were trained with other "
+                         f"settings, e.g. {stale[0]}; use another --root (or remove them)")
     if todo:
         print(f"{len(plan) - len(todo)} finished runs read, {len(todo)} to train", flush=True)
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            vit = (args.vit_optimizer, args.vit_lr, args.vit_eps, args.vit_clip)
             futures = {pool.submit(run_one, str(d), overrides(m, p, s, args.epochs, *vit), args.threads): (m, p, s)
                        for m, p, s, d in todo}
             for future, (m, p, s) in futures.items():
