@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import Precision
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lp_lightning.callbacks.epsilon_guard import EpsilonGuard
 from lp_lightning.data import DATAMODULES, TensorDataModule
@@ -20,9 +20,11 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "trainer.max_epochs": (int,),
-    "trainer.devices": (int, str),
+    "trainer.devices": (int, str, ListConfig),
     "data.batch_size": (int,),
     "data.seed": (int,),
+    "data.val_fraction": (int, float),
+    "data.test_fraction": (int, float),
     "optimizer.lr": (int, float),
     "optimizer.eps": (int, float),
     "optimizer.momentum": (int, float),
@@ -43,13 +45,17 @@ def compose_config(config_name: str = "train", overrides: list[str] | None = Non
 
 
 def validate(cfg: DictConfig) -> None:
-    """Fail before training when a known key holds a value of the wrong type (names key and value)."""
+    """Fail before training when a required value is missing or a known key holds a value of the wrong type
+    (names the key and value)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...): the config has no default")
     for key, types in _TYPES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, types):
-            allowed = " or ".join(t.__name__ for t in types)
+            allowed = " or ".join("list" if t is ListConfig else t.__name__ for t in types)
             raise ValueError(f"{key}={value!r} has type {type(value).__name__}; expected {allowed}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -49,6 +50,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n"
+    """Write ``obj`` as indented standard JSON, atomically: a non-finite number (a diverged loss) becomes null."""
+    text = json.dumps(finite_or_none(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj

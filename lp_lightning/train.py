@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from lp_lightning.cli import bad_config_exits_2, one_line
 from lp_lightning.config import build_callbacks, config_dir, data_spec, precision_kwargs, validate
 from lp_lightning.io import atomic_write, write_json
+from lp_lightning.logs import share_file_handlers
 from lp_lightning.models import CheckpointError, read_checkpoint
+from lp_lightning.models.checkpoint import STRUCTURAL_PLUGINS
 
 
 def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") -> dict[str, Any]:
@@ -37,7 +39,8 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
                         optimizer=optimizer, data=data_spec(datamodule, cfg.data), _convert_="all")
     trainer_kwargs, plugins = precision_kwargs(cfg.precision)
     # best.ckpt by val/acc; last.ckpt after every epoch (Lightning's save_last only follows the best's saves)
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max")
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
+                           enable_version_counter=False)  # a rerun into the same run dir replaces best.ckpt
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False,
                            save_on_train_epoch_end=True)  # also when validation runs less often than every epoch
     timer = Timer()
@@ -46,7 +49,7 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
                           callbacks=[best, last, timer, *build_callbacks(cfg.get("callbacks"))])
     resume = cfg.get("resume")
     if resume:  # one-line errors for a missing, corrupt, foreign or other-model file, before training
-        check_resumable(read_checkpoint(resume), model, str(resume))
+        check_resumable(read_checkpoint(resume), model, str(resume), plugins, trainer.max_epochs)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     # before validate/test restore the callbacks' state (paths, elapsed time) from best.ckpt
@@ -75,14 +78,34 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     return metrics
 
 
-def check_resumable(ckpt: dict[str, Any], model: L.LightningModule, path: str) -> None:
-    """CheckpointError unless ``ckpt`` was trained as the same net as ``model`` (else its weights do not fit)."""
+def check_resumable(ckpt: dict[str, Any], model: L.LightningModule, path: str, plugins: list[Any] | None = None,
+                    max_epochs: int | None = None) -> None:
+    """CheckpointError unless ``ckpt`` continues into this run: the same net (else its weights do not fit), the
+    same optimizer (its state), the same fake-quant structure (else the run would silently train another
+    precision and write checkpoints nothing loads), and epochs left to train."""
     keys = ("net", "net_kwargs", "input_shape", "num_classes")
-    saved = {k: ckpt["hyper_parameters"].get(k) for k in keys}
+    hparams = ckpt["hyper_parameters"]
+    saved = {k: hparams.get(k) for k in keys}
     built = {k: model.hparams.get(k) for k in keys}
     if saved != built:  # both plain lists/dicts (Classifier saves plain hyperparameters)
         raise CheckpointError(f"resume checkpoint {path!r} was trained as {saved}, but this run builds {built}; "
                               f"resume with the model and data config of that run")
+    was, now = (hparams.get("optimizer") or {}).get("name"), (model.hparams.get("optimizer") or {}).get("name")
+    if was != now:
+        raise CheckpointError(f"resume checkpoint {path!r} was trained with optimizer={was}, this run uses "
+                              f"optimizer={now}; resume with optimizer={was}")
+    qat = {type(p).__name__: p for p in plugins or [] if type(p).__name__ in STRUCTURAL_PLUGINS}
+    for name in STRUCTURAL_PLUGINS:
+        state, plugin = ckpt.get(name), qat.get(name)
+        trained = dict(state.get("config", {})) if isinstance(state, dict) else None
+        if trained != (dict(plugin.config) if plugin is not None else None):
+            raise CheckpointError(f"resume checkpoint {path!r} was trained with {name} {trained}, this run's "
+                                  f"precision has {plugin.config if plugin is not None else 'none'}; resume with the "
+                                  "precision of that run (e.g. precision=int8)")
+    done = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
+    if isinstance(done, int) and max_epochs is not None and 0 < max_epochs <= done:
+        raise CheckpointError(f"resume checkpoint {path!r} has trained {done} epoch(s) and trainer.max_epochs="
+                              f"{max_epochs}: nothing is left to train; raise trainer.max_epochs")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
@@ -90,7 +113,8 @@ def _app(cfg: DictConfig) -> float:
     """Entry point of ``lp-train``; returns the test accuracy (useful for sweeps). Bad input: exit 2."""
     hydra_cfg = HydraConfig.get()
     try:
-        metrics = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision", "custom"))
+        with share_file_handlers("lightning.pytorch", "lightning.fabric"):  # train.log gets Lightning's messages
+            metrics = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision", "custom"))
     except (ValueError, FileNotFoundError, InstantiationException, MisconfigurationException) as exc:
         # invalid values (also in a plugin's or callback's arguments), an unusable resume checkpoint
         # (CheckpointError), an unsafe eps (EpsilonGuard), missing data files. HYDRA_FULL_ERROR=1: traceback;

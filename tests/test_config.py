@@ -86,3 +86,13 @@ def test_every_callbacks_choice_has_one_epsilon_guard_unless_turned_off(override
 def test_a_callbacks_entry_without_target_is_an_error(override: str) -> None:
     with pytest.raises(ValueError, match=r"callbacks.foo has no _target_.*options: \['audit', 'default', 'safety'\]"):
         build_callbacks(compose_train([override]).callbacks)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data=cifar10"], r"data.data_dir must be set"),
+    (["data.val_fraction=abc"], r"data.val_fraction='abc' has type str; expected int or float"),
+])
+def test_missing_or_mistyped_data_values_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        validate(compose_train(overrides))
+    validate(compose_train(["trainer.devices=[0]"]))  # Lightning's list form of devices is allowed

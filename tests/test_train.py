@@ -67,12 +67,16 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_module_entry_point_runs_from_any_directory(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "lp_lightning.train", *QUICK, "trainer.max_epochs=1",
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 1
+def test_module_entry_point_runs_from_any_directory_and_reruns_in_place(tmp_path: Path) -> None:
+    for _ in range(2):  # the second run into the same run dir replaces the first's files
+        proc = subprocess.run([sys.executable, "-m", "lp_lightning.train", *QUICK, "trainer.max_epochs=1",
+                               f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and Path(metrics["best_checkpoint"]).name == "best.ckpt"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_a_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
@@ -108,6 +112,14 @@ def test_default_guard_stops_pure_fp16_adam_with_lost_eps(tmp_path: Path) -> Non
     assert run(compose_train([*VIT_FP16, "callbacks.epsilon_guard.action=fix"]), tmp_path / "fixed")["epochs"] == 1
     with pytest.raises(UnsafeEpsilonError):  # configs without their own guard get the default one
         run(compose_train([*VIT_FP16, "callbacks=audit"]), tmp_path / "audit")
+
+
+def test_a_diverged_loss_is_written_as_null_in_standard_json(tmp_path: Path) -> None:
+    def strict(token: str) -> None:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    path = write_json(tmp_path / "m.json", {"val_loss": float("nan"), "losses": [1.0, float("inf")], "ok": 0.5})
+    assert json.loads(path.read_text(), parse_constant=strict) == {"val_loss": None, "losses": [1.0, None], "ok": 0.5}
 
 
 def test_failed_write_keeps_previous_file(tmp_path: Path) -> None:
@@ -168,6 +180,24 @@ def test_resume_with_module_swapping_precisions(tmp_path: Path, precision: str) 
                   tmp_path / "resumed")
     after = torch.load(resumed["last_checkpoint"], weights_only=True)
     assert after["global_step"] == 6 and resumed["epochs"] == 2
+
+
+def test_resume_refuses_another_precision_structure_optimizer_or_no_epochs_left(tmp_path: Path) -> None:
+    base = ["model=mlp", "trainer.enable_progress_bar=false", "+trainer.limit_train_batches=2",
+            "+trainer.limit_val_batches=1"]
+    int8 = run(compose_train([*base, "precision=int8", "trainer.max_epochs=1"]), tmp_path / "int8")["last_checkpoint"]
+    cases = {  # what a resume of the int8 run gets wrong -> the message
+        "precision=fp32": r"trained with FakeQuantPrecision \{'weight': 'int8'.*has none; resume with the precision",
+        "precision=int4w": r"trained with FakeQuantPrecision \{'weight': 'int8'.*has \{'weight': 'int4'",
+        "optimizer=adam": r"trained with optimizer=sgd, this run uses optimizer=adam",
+    }
+    for override, message in cases.items():
+        overrides = [*base, "precision=int8", override, "trainer.max_epochs=2", f"resume={int8}"]
+        with pytest.raises(CheckpointError, match=message):
+            run(compose_train(overrides), tmp_path / override.replace("=", "_"))
+    with pytest.raises(CheckpointError, match=r"has trained 1 epoch\(s\) and trainer.max_epochs=1: nothing"):
+        run(compose_train([*base, "precision=int8", "trainer.max_epochs=1", f"resume={int8}"]), tmp_path / "done")
+    assert not any((tmp_path / d / "checkpoints").exists() for d in ("precision_fp32", "done"))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,19 +86,33 @@ class Classifier(L.LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self(batch[0])
 
+    def _schedule_span(self) -> tuple[int, str]:
+        """(length, interval) of the LR schedule: ``max_epochs`` epochs, or with a step budget only
+        (``max_epochs=-1``) the Trainer's estimated optimizer steps."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1, "epoch"
+        if trainer.max_epochs is not None and trainer.max_epochs >= 1:
+            return trainer.max_epochs, "epoch"
+        steps = trainer.estimated_stepping_batches
+        return (int(steps), "step") if math.isfinite(steps) else (1, "epoch")
+
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.parameters(), self.hparams.optimizer)
-        max_epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 1
-        scheduler = build_scheduler(optimizer, self.hparams.scheduler, max_epochs)
+        span, interval = self._schedule_span()
+        scheduler = build_scheduler(optimizer, self.hparams.scheduler, span)
         if scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Re-apply module swaps recorded by structural plugins (fake-quant) so a resumed fit loads its state."""
+        """Re-apply module swaps recorded by structural plugins (fake-quant) so a resumed fit loads its state,
+        and stretch a saved cosine schedule to this run's length (a resume with a larger ``max_epochs``)."""
         from lp_lightning.models.checkpoint import restore_structure  # checkpoint.py imports this module
 
         restore_structure(self, checkpoint)
+        if self._trainer is not None and (self.hparams.scheduler or {}).get("name") == "cosine":
+            stretch_cosine(checkpoint, self._schedule_span()[0])
 
     @torch.no_grad()
     def predict_logits(self, x: Tensor) -> Tensor:
@@ -108,3 +123,18 @@ class Classifier(L.LightningModule):
             return self(x)
         finally:
             self.train(was_training)
+
+
+def stretch_cosine(checkpoint: dict[str, Any], t_max: int) -> None:
+    """Set the saved cosine schedule's period to ``t_max`` and its learning rates to that schedule's value at
+    the saved position, so the resumed run follows a fresh run of the new length (not a restarted cosine)."""
+    schedulers, optimizers = checkpoint.get("lr_schedulers") or [], checkpoint.get("optimizer_states") or []
+    if len(schedulers) != 1 or len(optimizers) != 1 or schedulers[0].get("T_max") in (None, t_max):
+        return
+    state = schedulers[0]
+    state["T_max"] = t_max
+    position, floor = state.get("last_epoch", 0), state.get("eta_min", 0.0)
+    lrs = [floor + (base - floor) * (1 + math.cos(math.pi * position / t_max)) / 2 for base in state["base_lrs"]]
+    state["_last_lr"] = lrs
+    for group, lr in zip(optimizers[0]["param_groups"], lrs, strict=True):
+        group["lr"] = lr

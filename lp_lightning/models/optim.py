@@ -33,6 +33,9 @@ def build_optimizer(params: Iterable[nn.Parameter], config: Mapping[str, Any]) -
         return OPTIMIZERS[name](params, foreach=False, **kwargs)
     except TypeError as exc:
         raise ValueError(f"optimizer {name!r} does not take these arguments {sorted(kwargs)}: {exc}") from exc
+    except ValueError as exc:  # torch's own checks ("Invalid learning rate: -1"): name the config keys
+        given = ", ".join(f"optimizer.{k}={v!r}" for k, v in kwargs.items())
+        raise ValueError(f"optimizer {name!r} rejects {given}: {exc}") from exc
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Mapping[str, Any] | None,
@@ -42,8 +45,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Mapping[str, Any] 
         return None
     kwargs = dict(config)
     name = kwargs.pop("name", None)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs), **kwargs)
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, **kwargs)
-    raise ValueError(f"scheduler.name={name!r} is unknown; allowed: {list(SCHEDULERS)} or null")
+    classes = {"cosine": torch.optim.lr_scheduler.CosineAnnealingLR, "step": torch.optim.lr_scheduler.StepLR}
+    if name not in classes:
+        raise ValueError(f"scheduler.name={name!r} is unknown; allowed: {list(SCHEDULERS)} or null")
+    if name == "cosine" and "T_max" in kwargs:
+        raise ValueError("model.scheduler.T_max is set from the run's length (max_epochs or max_steps); leave it out")
+    try:
+        if name == "cosine":
+            return classes[name](optimizer, T_max=max(1, max_epochs), **kwargs)
+        return classes[name](optimizer, **kwargs)
+    except TypeError as exc:  # a missing or unknown argument, e.g. step without step_size
+        raise ValueError(f"model.scheduler {dict(config)}: {exc}") from exc

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
+from lp_lightning.data import DigitsDataModule
 from lp_lightning.models import CheckpointError, Classifier, datamodule_from_hparams, load_classifier, read_checkpoint
-from lp_lightning.models.optim import OPTIMIZERS, build_optimizer
+from lp_lightning.models.optim import OPTIMIZERS, build_optimizer, build_scheduler
 from tests.conftest import fit_classifier
 
 
@@ -119,3 +122,50 @@ def test_weights_that_do_not_fit_name_the_file_and_mismatch_on_one_line(tmp_path
 def test_data_settings_that_build_nothing_name_the_checkpoint(data: object, match: str) -> None:
     with pytest.raises(CheckpointError, match=rf"checkpoint 'run/x.ckpt'.*{match}"):
         datamodule_from_hparams({"data": data}, "run/x.ckpt")
+
+
+class _EpochLR(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _cosine_lrs(root: Path, ckpt: str | None = None, **trainer_kwargs) -> tuple[list[float], Path]:
+    torch.manual_seed(0)
+    model = Classifier(net="mlp", input_shape=[1, 8, 8], num_classes=10, scheduler={"name": "cosine"},
+                       optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}, data={"name": "digits"})
+    lrs = _EpochLR()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=0, limit_train_batches=2, callbacks=[lrs],
+                        default_root_dir=str(root), **trainer_kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt, weights_only=True)
+    trainer.save_checkpoint(root / "end.ckpt")
+    return lrs.lrs, root / "end.ckpt"
+
+
+def test_a_resume_with_more_epochs_continues_the_cosine_schedule(tmp_path: Path) -> None:
+    fresh, _ = _cosine_lrs(tmp_path / "fresh", max_epochs=4)
+    first, ckpt = _cosine_lrs(tmp_path / "first", max_epochs=2)
+    resumed, _ = _cosine_lrs(tmp_path / "resumed", ckpt=str(ckpt), max_epochs=4)
+    assert first == pytest.approx([0.05, 0.025])  # its own 2-epoch cosine
+    assert resumed == pytest.approx(fresh[2:])  # continues as a 4-epoch run would, not a restart at lr 0
+    assert fresh == pytest.approx([0.05 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
+
+
+def test_a_step_budget_spreads_the_cosine_over_the_steps(tmp_path: Path) -> None:
+    lrs, _ = _cosine_lrs(tmp_path, max_epochs=-1, max_steps=8)  # 4 epochs of 2 steps
+    assert len(lrs) == 4 and all(a > b > 0 for a, b in zip(lrs, lrs[1:], strict=False))  # one period
+    assert lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * s / 8)) / 2 for s in (0, 2, 4, 6)])
+
+
+def test_optimizer_and_scheduler_errors_name_the_config_keys() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match=r"optimizer 'sgd' rejects optimizer.lr=-1.*Invalid learning rate"):
+        build_optimizer(params, {"name": "sgd", "lr": -1})
+    optimizer = build_optimizer(params, {"name": "sgd", "lr": 0.1})
+    with pytest.raises(ValueError, match=r"model.scheduler \{'name': 'step'\}: .*step_size"):
+        build_scheduler(optimizer, {"name": "step"}, 10)
+    with pytest.raises(ValueError, match=r"model.scheduler.T_max is set from the run's length"):
+        build_scheduler(optimizer, {"name": "cosine", "T_max": 5}, 10)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import subprocess
 import sys
@@ -346,3 +348,29 @@ def test_speed_benchmark_reports_ratios(tmp_path: Path) -> None:
     assert out.is_file() and report["fp8_over_bf16"] > 0
     expected = {"bf16", "fp8", "fp8_rowwise"} if torch.cuda.is_available() else {"fp32", "bf16", "fp8", "fp8_fp32"}
     assert set(report["ms_per_step"]) == expected
+
+
+def test_speed_benchmark_records_threads_and_warmup(tmp_path: Path) -> None:
+    from lp_lightning.tools.bench import fp8_speed
+
+    before = torch.get_num_threads()
+    out = tmp_path / "fp8_speed.json"
+    report = fp8_speed.main(["--threads", "1", "--warmup", "1", "--width", "32", "--batch", "16", "--depth", "1",
+                             "--steps", "3", "--out", str(out)])
+    assert torch.get_num_threads() == before  # restored for the caller
+    saved = json.loads(out.read_text())
+    assert saved["threads"] == report["threads"] == 1 and saved["warmup"] == 1
+    assert all(len(times) == 3 for times in saved["ms_per_round"].values())  # timed rounds only, no warm-up
+
+
+def test_speed_benchmark_warms_up_then_rotates_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lp_lightning.tools.bench import fp8_speed
+
+    assert fp8_speed.round_orders(["a", "b", "c"], 4) == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                          ["a", "b", "c"]]
+    calls: list[str] = []
+    monkeypatch.setattr(fp8_speed, "make_step", lambda v, args, device: lambda: calls.append(v))
+    times = fp8_speed.measure(["a", "b", "c"], argparse.Namespace(warmup=2, steps=3), "cpu")
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # untimed warm-up of every variant first
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # then rounds, each variant first once
+    assert {v: len(t) for v, t in times.items()} == {"a": 3, "b": 3, "c": 3}
