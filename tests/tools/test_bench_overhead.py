@@ -35,9 +35,11 @@ def test_audit_verdict_uses_fit_test_time_without_warmup(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(audit_overhead, "run_once", fake_run_once)
     out = tmp_path / "audit.json"
-    summary = audit_overhead.main(["--repeats", "2", "--threads", "1", "--out", str(out), "trainer.max_epochs=1"])
+    summary = audit_overhead.main(["--repeats", "2", "--threads", "1", "--out", str(out),
+                                   "--audit-override", "callbacks.audit.plot=false", "trainer.max_epochs=1"])
     assert [c[0] for c in calls] == ["plain_warm-up", "audit_warm-up", "plain_0", "audit_0", "audit_1", "plain_1"]
     assert all(c[-1] == "trainer.max_epochs=1" for c in calls)
+    assert all(("callbacks.audit.plot=false" in c) == c[0].startswith("audit") for c in calls)  # audit variant only
     assert summary["verdict_measure"] == "fit_test_s" and summary["ratio"] == pytest.approx(1.2)
     assert summary["process_s"]["ratio"] == pytest.approx(1.05) and not summary["ok"]
     assert summary["in_run"] == pytest.approx(0.5 / 5.5)

@@ -6,13 +6,14 @@ caches, byte-code, data set), then ``--repeats`` pairs whose order alternates (p
 
 - fit+test: the time ``lp-train`` itself reports (``metrics.json`` ``wall_time_s``: fit, validate and test,
   without Python/Lightning/Hydra start-up). It contains everything the audit adds to a run (reference
-  forwards, JSON, the background PNG thread competing for the CPU, waiting for the PNGs when fit ends).
+  forwards, JSON, the background PNG thread competing for the GIL and CPU, waiting for the PNGs when fit ends).
   **The verdict (target <= 1.10) uses this one**: the median of the per-pair ratios audit / plain.
 - process: wall time of the whole process; the same audit cost diluted by start-up, for reference only.
 - in-run: ``audit/seconds`` summed over epochs / the rest of fit+test of the same run. Same process, so
   immune to load from other programs, but it misses the plot thread: a lower bound.
 
     python -m lp_lightning.tools.bench.audit_overhead --repeats 5 --threads 1 [extra lp-train overrides]
+    python -m lp_lightning.tools.bench.audit_overhead --threads 1 --audit-override callbacks.audit.plot=false
 """
 
 from __future__ import annotations
@@ -91,17 +92,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per run (0: library default)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the untimed warm-up run of each variant")
+    parser.add_argument("--audit-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="lp-train override for the audit variant only (repeatable): callbacks.audit.plot=false")
     parser.add_argument("--out", type=Path, default=None, help="write the runs and the summary as JSON here")
     parser.add_argument("overrides", nargs="*", help="extra lp-train overrides for both variants")
     args = parser.parse_args(argv)
-    print(f"audit_overhead: {args.repeats} pairs, threads {args.threads or 'default'}, "
+    variants = {"plain": VARIANTS["plain"], "audit": [*VARIANTS["audit"], *args.audit_override]}
+    print(f"audit_overhead: {' '.join(variants['audit'])} vs plain; {args.repeats} pairs, "
+          f"threads {args.threads or 'default'}, "
           f"warm-up {'1 run per variant (untimed)' if args.warmup else 'none'}, order alternating per pair",
           flush=True)
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     warmups: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="audit_bench_") as tmp:
-        for label, name in interleaved_schedule(list(VARIANTS), args.repeats, args.warmup):
-            r = run_once([*VARIANTS[name], *args.overrides], Path(tmp) / f"{name}_{label}", args.threads)
+        for label, name in interleaved_schedule(list(variants), args.repeats, args.warmup):
+            r = run_once([*variants[name], *args.overrides], Path(tmp) / f"{name}_{label}", args.threads)
             if label == WARMUP:
                 warmups[name] = r
             else:
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from lp_lightning.io import write_json
 
         write_json(args.out, {"repeats": args.repeats, "threads": args.threads, "overrides": args.overrides,
+                              "audit_overrides": args.audit_override,
                               "runs": results, "warmup_runs": warmups, **summary})
     return summary
 
