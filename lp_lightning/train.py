@@ -98,14 +98,19 @@ def check_resumable(ckpt: dict[str, Any], model: L.LightningModule, path: str, p
     for name in STRUCTURAL_PLUGINS:
         state, plugin = ckpt.get(name), qat.get(name)
         trained = dict(state.get("config", {})) if isinstance(state, dict) else None
-        if trained != (dict(plugin.config) if plugin is not None else None):
-            raise CheckpointError(f"resume checkpoint {path!r} was trained with {name} {trained}, this run's "
-                                  f"precision has {plugin.config if plugin is not None else 'none'}; resume with the "
-                                  "precision of that run (e.g. precision=int8)")
+        wanted = dict(plugin.config) if plugin is not None else None
+        if trained != wanted:
+            raise CheckpointError(f"resume checkpoint {path!r} was trained {_with(name, trained)}, this run's "
+                                  f"precision is {_with(name, wanted)}; resume with the precision of that run "
+                                  "(e.g. precision=int8)")
     done = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
     if isinstance(done, int) and max_epochs is not None and 0 < max_epochs <= done:
         raise CheckpointError(f"resume checkpoint {path!r} has trained {done} epoch(s) and trainer.max_epochs="
                               f"{max_epochs}: nothing is left to train; raise trainer.max_epochs")
+
+
+def _with(name: str, config: dict[str, Any] | None) -> str:
+    return f"with {name} {config}" if config is not None else f"without {name}"
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

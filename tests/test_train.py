@@ -187,8 +187,9 @@ def test_resume_refuses_another_precision_structure_optimizer_or_no_epochs_left(
             "+trainer.limit_val_batches=1"]
     int8 = run(compose_train([*base, "precision=int8", "trainer.max_epochs=1"]), tmp_path / "int8")["last_checkpoint"]
     cases = {  # what a resume of the int8 run gets wrong -> the message
-        "precision=fp32": r"trained with FakeQuantPrecision \{'weight': 'int8'.*has none; resume with the precision",
-        "precision=int4w": r"trained with FakeQuantPrecision \{'weight': 'int8'.*has \{'weight': 'int4'",
+        "precision=fp32": r"trained with FakeQuantPrecision \{'weight': 'int8'.*is without FakeQuantPrecision;",
+        "precision=int4w": r"trained with FakeQuantPrecision \{'weight': 'int8'.*precision is with FakeQuantPrecision "
+                           r"\{'weight': 'int4'",
         "optimizer=adam": r"trained with optimizer=sgd, this run uses optimizer=adam",
     }
     for override, message in cases.items():

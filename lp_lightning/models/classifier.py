@@ -111,8 +111,9 @@ class Classifier(L.LightningModule):
         from lp_lightning.models.checkpoint import restore_structure  # checkpoint.py imports this module
 
         restore_structure(self, checkpoint)
-        if self._trainer is not None and (self.hparams.scheduler or {}).get("name") == "cosine":
-            stretch_cosine(checkpoint, self._schedule_span()[0])
+        max_epochs = self._trainer.max_epochs if self._trainer is not None else None
+        if max_epochs is not None and max_epochs >= 1 and (self.hparams.scheduler or {}).get("name") == "cosine":
+            stretch_cosine(checkpoint, max_epochs)  # (a step budget's span is fixed by max_steps)
 
     @torch.no_grad()
     def predict_logits(self, x: Tensor) -> Tensor:
