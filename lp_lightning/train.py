@@ -141,7 +141,7 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, InstantiationException) and isinstance(cause, (ValueError, TypeError)):
         key = next((line.split(":", 1)[1].strip() for line in str(exc).splitlines() if line.startswith("full_key:")),
                    None)
-        return f"{key}: {cause}" if key else str(cause)
+        return f"{key}: {one_line(cause)}" if key else one_line(cause)
     return one_line(exc)
 
 

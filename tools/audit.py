@@ -116,7 +116,7 @@ def audit_checkpoints(ckpt: str | os.PathLike[str], reference: str | os.PathLike
     low, labels = logits(low_model, loader, plugin=plugin, max_samples=max_samples)
     ref, _ = logits(ref_model, loader, dtype=ref_dtype, max_samples=max_samples)
     comparison = compare(low, ref)
-    if precision_cfg is None:
+    if precision_cfg is None and precision_name is None:
         precision_name = _as_stored(raw)
     report = {**summary(comparison),
               "low_precision": precision_name or getattr(plugin, "precision", type(plugin).__name__),
@@ -169,7 +169,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike[str], precision_name: str | 
     precision_cfg = OmegaConf.to_container(cfg.precision, resolve=True) if cfg.get("precision") else None
     report, comparison = audit_checkpoints(
         str(cfg.ckpt), reference=str(cfg.reference) if cfg.get("reference") else None,
-        precision_cfg=precision_cfg, precision_name=precision_name if precision_cfg else None,
+        precision_cfg=precision_cfg, precision_name=precision_name if precision_cfg else None,  # None: as stored
         reference_dtype=str(cfg.get("reference_dtype", "float32")), split=str(cfg.get("split", "test")),
         batch_size=_positive_int(cfg, "batch_size", 256), max_samples=cfg.get("max_samples"))
     write_outputs(report, comparison, cfg.get("out_dir") or out_dir, plot=bool(cfg.get("plot", True)))

@@ -60,7 +60,7 @@ class EpsilonGuard(Callback):
         self.action = action
         self.check_every_n_steps = check_every_n_steps
         self.thresholds = {**THRESHOLDS, **(thresholds or {})}
-        self.checks: list[EpsCheck] = []  # the verdicts of the first check
+        self.checks: list[EpsCheck] = []  # the verdicts, per param group, when each group was first checked
         self.changes: list[tuple[EpsCheck, float]] = []  # (flagged check, new eps) made by action="fix"
         self.history: list[dict[str, float]] = []  # run-time statistics, one dict per checked step
         self._checked: dict[int, int] = {}  # id(optimizer) -> number of its param groups checked

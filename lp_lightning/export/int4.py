@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+from lp_lightning.cli import one_line
 from lp_lightning.export.graph import ExportError, layer_nodes, op_types, save_model
 from lp_lightning.logs import quiet_loggers
 
@@ -176,8 +177,7 @@ def _quantize_matmuls(model: onnx.ModelProto, block_size: int, accuracy_level: i
                                              accuracy_level=accuracy_level)
             quantizer.process()
     except Exception as exc:  # onnxruntime raises RuntimeError/AssertionError/...; name the step and the cause
-        cause = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        cause = cause if len(cause) <= 300 else cause[:297] + "..."
+        cause = one_line(exc, limit=300)
         raise ExportError(f"int4 MatMulNBitsQuantizer failed (block_size={block_size!r}, accuracy_level="
                           f"{accuracy_level!r}; block_size must be one of {list(INT4_BLOCK_SIZES)}): "
                           f"{type(exc).__name__}: {cause}") from exc

@@ -19,7 +19,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adagrad": torch.optim.Adagrad,
     "adadelta": torch.optim.Adadelta,
 }
-SCHEDULERS = ("cosine", "step")
+SCHEDULERS: dict[str, type[torch.optim.lr_scheduler.LRScheduler]] = {
+    "cosine": torch.optim.lr_scheduler.CosineAnnealingLR,
+    "step": torch.optim.lr_scheduler.StepLR,
+}
 
 
 def build_optimizer(params: Iterable[nn.Parameter], config: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -45,14 +48,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Mapping[str, Any] 
         return None
     kwargs = dict(config)
     name = kwargs.pop("name", None)
-    classes = {"cosine": torch.optim.lr_scheduler.CosineAnnealingLR, "step": torch.optim.lr_scheduler.StepLR}
-    if name not in classes:
+    if name not in SCHEDULERS:
         raise ValueError(f"scheduler.name={name!r} is unknown; allowed: {list(SCHEDULERS)} or null")
-    if name == "cosine" and "T_max" in kwargs:
-        raise ValueError("model.scheduler.T_max is set from the run's length (max_epochs or max_steps); leave it out")
+    if name == "cosine":
+        if "T_max" in kwargs:
+            raise ValueError("model.scheduler.T_max is set from the run's length (max_epochs or max_steps); "
+                             "leave it out")
+        kwargs["T_max"] = max(1, max_epochs)
     try:
-        if name == "cosine":
-            return classes[name](optimizer, T_max=max(1, max_epochs), **kwargs)
-        return classes[name](optimizer, **kwargs)
+        return SCHEDULERS[name](optimizer, **kwargs)
     except TypeError as exc:  # a missing or unknown argument, e.g. step without step_size
         raise ValueError(f"model.scheduler {dict(config)}: {exc}") from exc

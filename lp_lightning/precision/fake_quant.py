@@ -105,7 +105,7 @@ class FakeQuantPrecision(Precision):
         self._observers = [layer.act_observer for layer in fake_quant_layers(module).values()
                            if layer.act_observer is not None]
         if self._should_freeze():
-            self._freeze(module)
+            self._freeze()
         spec = self.spec
         weights = f"int{spec.weight_bits} {spec.granularity}" + (f"/{spec.group_size}" if spec.group_size else "")
         acts = f"int{spec.act_bits} per-tensor" if spec.act_bits else "float32"
@@ -117,7 +117,8 @@ class FakeQuantPrecision(Precision):
     def train_step_context(self) -> Generator[None, None, None]:
         """Every DDP rank starts the training step from rank 0's observer ranges (DDP's own buffer broadcast
         skips the forward after a ``no_sync`` micro-batch of gradient accumulation); then ``forward_context``."""
-        broadcast_observers(self._observers)
+        if not self._all_frozen():  # frozen ranges no longer change: nothing to send
+            broadcast_observers(self._observers)
         with self.forward_context():
             yield
 
@@ -132,20 +133,22 @@ class FakeQuantPrecision(Precision):
         """The optimizer step, then count it and freeze the observers once ``freeze_observers_after`` is reached."""
         output = super().optimizer_step(optimizer, model, closure, **kwargs)
         self.steps += 1
-        if self._should_freeze() and isinstance(model, nn.Module):
+        if self._should_freeze() and not self._all_frozen():
             broadcast_observers(self._observers)  # every rank freezes the same ranges
-            self._freeze(model)
+            self._freeze()
         return output
 
     def _should_freeze(self) -> bool:
         return self.freeze_observers_after is not None and self.steps >= self.freeze_observers_after
 
-    def _freeze(self, module: nn.Module) -> None:
-        layers = fake_quant_layers(module)
-        if any(layer.act_observer is not None and not layer.act_observer.is_frozen for layer in layers.values()):
+    def _all_frozen(self) -> bool:
+        return all(obs.is_frozen for obs in self._observers)
+
+    def _freeze(self) -> None:
+        if not self._all_frozen():
             rank_zero_info(f"FakeQuantPrecision: activation observers frozen after {self.steps} step(s)")
-        for layer in layers.values():
-            layer.freeze_observer()
+        for obs in self._observers:
+            obs.freeze()
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": dict(self.config), "steps": self.steps, "converted_layers": list(self.converted_layers)}

@@ -127,10 +127,8 @@ class Fp32Accumulate(TorchFunctionMode):
         up_args = [_up(a, low, upcast, layout) for a in args]
         if kwargs:
             kwargs = {k: _up(v, low, upcast, layout) for k, v in kwargs.items()}
-        if not torch.is_grad_enabled():
-            return func(*up_args, **kwargs).to(low)
-        if _checkpointing():  # it must see the same saved tensors in forward and recompute: let it save them
-            return func(*up_args, **kwargs).to(low)
+        if not torch.is_grad_enabled() or _checkpointing():  # nothing saved, or checkpointing saves (it must
+            return func(*up_args, **kwargs).to(low)  # see the same saved tensors in forward and recompute)
         keep = (args[0] if args else kwargs["query"]).dim() if func is _SDPA else 0
         hooks = _SavedAs16Bit(low, upcast, keep)
         with saved_tensors_hooks(hooks.pack, hooks.unpack):

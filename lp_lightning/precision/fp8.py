@@ -168,7 +168,7 @@ class Float8Precision(Precision):
                 continue
             if matches(fqn, self.skip):
                 skipped[fqn] = "skip"
-            elif fqn.rpartition(".")[0] in attention and fqn != "":
+            elif fqn.rpartition(".")[0] in attention:
                 skipped[fqn] = "inside nn.MultiheadAttention, which reads its weight without calling it"
             elif child.in_features % 16 or child.out_features % 16:
                 skipped[fqn] = f"shape {child.in_features}->{child.out_features} not divisible by 16"

@@ -69,6 +69,7 @@ class PureHalfPrecision(HalfPrecision):
         self._backward_scale: float | None = None
         self._found_inf: dict[int, bool] = {}  # per optimizer, set when its gradients were unscaled
         self._warned_loss_overflow = False
+        self._fp16_loss: tuple[torch.Tensor, torch.Tensor] | None = None  # (loss, scaled) of the last backward
 
     # ------------------------------------------------------------------ module, inputs, compute mode
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -134,13 +135,16 @@ class PureHalfPrecision(HalfPrecision):
             self._backward_scale = self.scaler.scale
             self._found_inf.clear()  # new gradients: a manual loop may have unscaled (clipped) and not stepped
             scaled = self.scaler.scale_loss(tensor)
-            if scaled.dtype in (torch.float16, torch.bfloat16) and not self._warned_loss_overflow:
-                self._warn_if_loss_overflows(tensor, scaled)
+            # an fp16 loss can overflow when scaled (bf16's range cannot); checked only on a skipped step
+            self._fp16_loss = (tensor.detach(), scaled.detach()) if scaled.dtype == torch.float16 else None
             tensor = scaled
         return super().pre_backward(tensor, module)
 
-    def _warn_if_loss_overflows(self, loss: torch.Tensor, scaled: torch.Tensor) -> None:
-        """Once: a 16-bit loss times the scale is inf (loss finite), so every such step is skipped."""
+    def _warn_if_loss_overflowed(self) -> None:
+        """Once, on a skipped step: the fp16 loss times the scale was inf (the loss itself finite)."""
+        if self._fp16_loss is None or self._warned_loss_overflow:
+            return
+        loss, scaled = self._fp16_loss
         if bool(torch.isfinite(scaled).all()) or not bool(torch.isfinite(loss).all()):
             return
         self._warned_loss_overflow = True
@@ -182,6 +186,8 @@ class PureHalfPrecision(HalfPrecision):
         found_inf = self.unscale_gradients(optimizer)  # before the hooks, so clipping sees true gradients
         self._after_closure(model, optimizer)
         found_inf = self._found_inf.pop(id(getattr(optimizer, "_optimizer", optimizer)), found_inf)
+        if found_inf:
+            self._warn_if_loss_overflowed()
         result = None if found_inf else optimizer.step(**kwargs)
         self.scaler.update(found_inf)
         self._log_scale(model)
