@@ -25,6 +25,7 @@ from torch import nn
 
 from lp_lightning.io import write_json
 from lp_lightning.precision.fp8 import Float8Precision, fp8_hardware_missing
+from lp_lightning.tools.bench.threads import torch_threads
 
 
 def device_defaults(device: str) -> dict[str, int | bool]:
@@ -114,13 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "a shared machine)")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
-    previous_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _report(args, device)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _report(args: argparse.Namespace, device: str) -> dict:

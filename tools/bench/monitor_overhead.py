@@ -23,6 +23,7 @@ import torch
 from lp_lightning.config import compose_config
 from lp_lightning.io import write_json
 from lp_lightning.tools.bench.audit_overhead import WARMUP, interleaved_schedule
+from lp_lightning.tools.bench.threads import torch_threads
 from lp_lightning.train import run
 
 TARGET = 1.15
@@ -48,13 +49,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the untimed warm-up run of each variant")
     args = parser.parse_args(argv)
-    previous_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _measure(args)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
