@@ -25,7 +25,7 @@ from lp_lightning.config import build_callbacks, config_dir, data_spec, precisio
 from lp_lightning.io import atomic_write, write_json
 from lp_lightning.logs import share_file_handlers
 from lp_lightning.models import CheckpointError, read_checkpoint
-from lp_lightning.models.checkpoint import STRUCTURAL_PLUGINS
+from lp_lightning.models.checkpoint import STRUCTURAL_PLUGINS, structural_config
 
 
 def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") -> dict[str, Any]:
@@ -96,8 +96,7 @@ def check_resumable(ckpt: dict[str, Any], model: L.LightningModule, path: str, p
                               f"optimizer={now}; resume with optimizer={was}")
     qat = {type(p).__name__: p for p in plugins or [] if type(p).__name__ in STRUCTURAL_PLUGINS}
     for name in STRUCTURAL_PLUGINS:
-        state, plugin = ckpt.get(name), qat.get(name)
-        trained = dict(state.get("config", {})) if isinstance(state, dict) else None
+        plugin, trained = qat.get(name), structural_config(ckpt, name)
         wanted = dict(plugin.config) if plugin is not None else None
         if trained != wanted:
             raise CheckpointError(f"resume checkpoint {path!r} was trained {_with(name, trained)}, this run's "

@@ -32,6 +32,7 @@ from lp_lightning.config import config_dir, precision_kwargs
 from lp_lightning.io import write_json
 from lp_lightning.logs import quiet_loggers
 from lp_lightning.models import CheckpointError, datamodule_from_hparams, load_classifier
+from lp_lightning.models.checkpoint import structural_config
 
 REPORT_NAME, PLOT_NAME = "audit_report.json", "audit_plot.png"
 SPLITS = ("train", "val", "test")
@@ -78,9 +79,8 @@ def _accuracy(z: Tensor, y: Tensor) -> float:
 
 def _as_stored(ckpt: Mapping[str, Any]) -> str:
     """How a checkpoint runs without ``precision=``: fp32, or fake-quantized when it was trained that way."""
-    state = ckpt.get("FakeQuantPrecision")
-    if isinstance(state, Mapping) and isinstance(state.get("config"), Mapping):
-        config = state["config"]
+    config = structural_config(ckpt, "FakeQuantPrecision")
+    if config is not None:
         return f"as stored (fake-quant weight={config.get('weight')} activation={config.get('activation')})"
     return "as stored (fp32)"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,13 @@ from lp_lightning.models.classifier import Classifier
 # Plugins that change the module structure store their config in the checkpoint under their class
 # name; each provides ``restore_module(module, state) -> module`` rebuilding that structure.
 STRUCTURAL_PLUGINS = {"FakeQuantPrecision": "lp_lightning.precision.fake_quant"}
+
+
+def structural_config(ckpt: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """The config a structural plugin ``name`` recorded in ``ckpt`` (``ckpt[name]["config"]``), or None."""
+    state = ckpt.get(name)
+    config = state.get("config") if isinstance(state, Mapping) else None
+    return dict(config) if isinstance(config, Mapping) else None
 
 
 class CheckpointError(ValueError):
