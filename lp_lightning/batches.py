@@ -78,3 +78,15 @@ def _pick(batch: Any, key: str | None, index: int | None, what: str) -> Tensor:
         raise ValueError(f"{where} (the {what}) is a {type(value).__name__}, not a tensor: set {what}_key / "
                          f"{what}_index to the {what} tensor")
     return value
+
+
+def require_logits(out: Any, owner: str, model: Any) -> Tensor:
+    """``out`` if it is (N, C) classification logits with C >= 2; else a one-line ValueError naming ``model``'s
+    class, what it returned and what ``owner`` (the tool) needs."""
+    if isinstance(out, Tensor) and out.ndim == 2 and out.shape[1] >= 2:
+        return out
+    got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+    hint = (" (a regression output: top-1 agreement and the Lemma-1 certificate do not apply to it)"
+            if isinstance(out, Tensor) and (out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1)) else "")
+    raise ValueError(f"{owner} needs (N, C) classification logits with C >= 2 from {type(model).__name__}.forward"
+                     f"(inputs), got {got}{hint}")

@@ -29,9 +29,10 @@ from lp_lightning.audit.tolerance import Comparison, compare, summary
 from lp_lightning.callbacks.audit_support import parse_reference, reference_copy
 from lp_lightning.cli import bad_config_exits_2, one_line
 from lp_lightning.config import config_dir, precision_kwargs
+from lp_lightning.data.rebuild import datamodule_from_hparams
 from lp_lightning.io import write_json
 from lp_lightning.logs import quiet_loggers
-from lp_lightning.models import CheckpointError, datamodule_from_hparams, load_classifier
+from lp_lightning.models import CheckpointError, load_classifier
 from lp_lightning.models.checkpoint import structural_config
 
 REPORT_NAME, PLOT_NAME = "audit_report.json", "audit_plot.png"

@@ -14,6 +14,7 @@ from lp_lightning.config import config_dir
 from lp_lightning.export import ExportConfig, ExportError, run_export
 from lp_lightning.export.report import table
 from lp_lightning.models import CheckpointError
+from lp_lightning.tools.checkpoint_args import model_and_data
 
 FIELDS = ("formats", "thresholds", "threads", "latency_batch_sizes", "warmup", "iters", "calib_batches",
           "calib_batch_size", "parity_atol", "int4_block_size", "int4_accuracy_level", "reduce_range", "seed")
@@ -41,11 +42,12 @@ def export_config(cfg: DictConfig) -> ExportConfig:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate the config, then export and evaluate; returns the report."""
     if not cfg.get("ckpt"):
-        raise ValueError("ckpt=PATH is required (a checkpoint written by lp-train)")
+        raise ValueError("ckpt=PATH is required (a Lightning checkpoint; model_class=pkg.mod.MyModule for your own)")
     export_cfg = export_config(cfg)  # bad formats/values fail here, before anything is read or written
+    keys, model_class, data = model_and_data(cfg)
     ckpt = Path(str(cfg.ckpt))
     out_dir = Path(str(cfg.out_dir)) if cfg.get("out_dir") else ckpt.parent / "export"
-    return run_export(ckpt, out_dir, export_cfg)
+    return run_export(ckpt, out_dir, export_cfg, model_class=model_class, data=data, keys=keys)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
@@ -65,7 +67,7 @@ def _app(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-main = bad_config_exits_2(_app)
+main = bad_config_exits_2(_app, open_data=True)
 
 if __name__ == "__main__":
     main()

@@ -51,11 +51,12 @@ def predict(sess: ort.InferenceSession, x: np.ndarray, chunk: int = 256) -> np.n
     return np.concatenate([sess.run(None, {name: x[i:i + chunk]})[0] for i in range(0, len(x), chunk)])
 
 
-def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray, ref_logits: np.ndarray,
+def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray | None, ref_logits: np.ndarray,
                     threads: int = 1, other_refs: Mapping[str, np.ndarray] | None = None,
                     config: SessionConfig | None = None) -> dict[str, Any]:
     """Quality of one ONNX model on the test split against the PyTorch fp32 model's logits ``ref_logits``.
 
+    ``y`` None (no labels): ``accuracy`` is None.
     ``other_refs`` (e.g. ``{"fake_quant": logits}``) add ``agreement_<name>`` and ``max_abs_logit_diff_<name>``.
     """
     logits = predict(session(path, threads, config=config), np.ascontiguousarray(x, dtype=np.float32))
@@ -71,13 +72,13 @@ def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray, 
         **extra,
         "path": str(path),
         "size_bytes": file_size(path),
-        "accuracy": float((pred == y).mean()),
+        "accuracy": None if y is None else float((pred == y).mean()),
         "agreement": float((pred == ref_logits.argmax(1)).mean()),
         "certified_fraction": float(audit["certified_fraction"]),
         "violations": int(audit["violations"]),
         "max_abs_logit_diff": _max_abs_diff(logits, ref_logits, finite),
         "nonfinite": int((~finite).sum()),
-        "n_samples": len(y),
+        "n_samples": len(x),
         "op_types": optimized_op_types(path, threads, config),
     }
 

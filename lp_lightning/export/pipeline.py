@@ -1,4 +1,4 @@
-"""Checkpoint -> fp32/INT8/INT4 ONNX files -> onnxruntime evaluation -> ``export_report.json``.
+"""Any LightningModule (or checkpoint) -> fp32/INT8/INT4 ONNX files -> onnxruntime evaluation -> ``export_report.json``.
 
 Models are written and evaluated in a staging folder inside ``out_dir``; only when every step succeeded
 are they moved into place and the report written, so a failed export leaves an earlier one untouched.
@@ -14,10 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import onnx
 import torch
 
+from lp_lightning.batches import BatchKeys, require_logits
+from lp_lightning.data.rebuild import build_data
+from lp_lightning.data.samples import collect, split_loader
 from lp_lightning.export.config import ExportConfig
 from lp_lightning.export.cpu import cpu_info
 from lp_lightning.export.evaluate import evaluate_format, latency_inputs, measure_latency
@@ -27,7 +31,7 @@ from lp_lightning.export.int8 import export_int8
 from lp_lightning.export.onnx_fp32 import check_parity, to_onnx
 from lp_lightning.export.report import add_ratios, check_thresholds, format_entry
 from lp_lightning.io import write_json
-from lp_lightning.models import datamodule_from_hparams, load_classifier
+from lp_lightning.models.checkpoint import class_path, load_module
 
 REPORT_NAME = "export_report.json"
 STAGING_PREFIX = ".lp-export-"
@@ -36,7 +40,7 @@ STAGING_PREFIX = ".lp-export-"
 SESSION_CONFIGS: dict[str, dict[str, str]] = {"int4": {"session.disable_quant_qdq": "1"}}
 
 Log = Callable[[str], None]
-Splits = tuple[np.ndarray, np.ndarray, list[np.ndarray]]
+Splits = tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]
 
 
 def model_name(fmt: str) -> str:
@@ -87,24 +91,25 @@ def staging_dir(out_dir: str | os.PathLike[str]) -> Iterator[tuple[Path, Path]]:
             _remove_empty_dirs(created)
 
 
-def _splits(hparams: Mapping[str, Any], cfg: ExportConfig, source: str | os.PathLike[str]) -> Splits:
-    """Test images/labels and seeded calibration batches from the training split of checkpoint ``source``."""
-    dm = datamodule_from_hparams(dict(hparams), source)
-    x_test, y_test = dm.dataset("test").tensors
-    x_train = dm.dataset("train").tensors[0]
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed))
-    n = min(len(x_train), cfg.calib_batches * cfg.calib_batch_size)
-    calib = x_train[order[:n]].float().numpy()
-    batches = [calib[i:i + cfg.calib_batch_size] for i in range(0, n, cfg.calib_batch_size)]
-    return x_test.float().numpy(), y_test.numpy(), batches
+def _splits(datamodule: L.LightningDataModule, cfg: ExportConfig, keys: BatchKeys) -> Splits:
+    """Test inputs/labels (labels None when the batches carry none) and calibration batches: the first
+    ``calib_batches * calib_batch_size`` samples of the training dataloader (its shuffling seeded by ``cfg.seed``
+    unless the loader has its own generator)."""
+    x_test, y_test = collect(split_loader(datamodule, "test"), keys)
+    with torch.random.fork_rng():  # a shuffling loader without its own generator draws from torch's global RNG
+        torch.manual_seed(cfg.seed)
+        x_train, _ = collect(split_loader(datamodule, "train"), keys, cfg.calib_batches * cfg.calib_batch_size)
+    calib = x_train.float().numpy()
+    batches = [calib[i:i + cfg.calib_batch_size] for i in range(0, len(calib), cfg.calib_batch_size)]
+    return x_test.float().numpy(), None if y_test is None else y_test.numpy(), batches
 
 
-def _plain_model(model: torch.nn.Module, ckpt: Mapping[str, Any]) -> tuple[torch.nn.Module, dict[str, Any] | None]:
-    """The plain float model and learned qparams for FakeQuantPrecision checkpoints, else (model, None)."""
-    if "FakeQuantPrecision" not in ckpt:
+def _plain_model(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The plain float model and learned qparams of a fake-quant (QAT) module, else (model, None)."""
+    from lp_lightning.quant import convert, fake_quant_layers
+
+    if not fake_quant_layers(model):
         return model, None
-    from lp_lightning.quant import convert  # only needed for fake-quant checkpoints
-
     plain, qparams = convert(model)
     return plain.float().eval(), dict(qparams)
 
@@ -142,7 +147,7 @@ def _measure(paths: Mapping[str, Path], out: Path, splits: Splits, ref: np.ndarr
     x_test, y_test, _ = splits
     metrics = {}
     for fmt, path in paths.items():
-        log(f"[lp-export] {fmt}: evaluating on {len(y_test)} test samples (onnxruntime CPU)")
+        log(f"[lp-export] {fmt}: evaluating on {len(x_test)} test samples (onnxruntime CPU)")
         metrics[fmt] = evaluate_format(path, x_test, y_test, ref, cfg.threads, others, SESSION_CONFIGS.get(fmt))
         metrics[fmt]["path"] = str(out / model_name(fmt))  # where it will be; same size after the rename
     log(f"[lp-export] latency: batch {list(cfg.latency_batch_sizes)}, {cfg.threads} thread(s), "
@@ -163,25 +168,30 @@ def _publish(paths: Mapping[str, Path], out: Path, report: Mapping[str, Any]) ->
     return write_json(out / REPORT_NAME, report)
 
 
-def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: ExportConfig | None = None,
-               log: Log = print) -> dict[str, Any]:
-    """Export ``ckpt_path`` to every format of ``cfg`` under ``out_dir`` and write the report.
+def export_module(module: L.LightningModule, datamodule: L.LightningDataModule, out_dir: str | os.PathLike[str],
+                  cfg: ExportConfig | None = None, keys: BatchKeys | None = None, log: Log = print,
+                  source: str | None = None) -> dict[str, Any]:
+    """Export ``module`` (any LightningModule returning (N, C) logits; a fake-quant module exports with its
+    learned scales) to every format of ``cfg`` under ``out_dir``, prove each on onnxruntime against the module
+    on ``datamodule``'s test split, and write ``export_report.json``.
 
-    Returns the report; ``report["failures"]`` lists missed thresholds (the report is written anyway).
-    The checkpoint and its data are read before ``out_dir`` is created. Models are built and evaluated in a
-    staging folder and moved into ``out_dir`` only when every step succeeded: a failed export leaves the
-    files of an earlier one untouched, and removes the folders this call created.
+    ``keys`` says where the input (and the labels) are in the batches. Returns the report;
+    ``report["failures"]`` lists missed thresholds (the report is written anyway). Everything is checked
+    before ``out_dir`` is created. Models are built and evaluated in a staging folder and moved into
+    ``out_dir`` only when every step succeeded: a failed export leaves the files of an earlier one untouched,
+    and removes the folders this call created.
     """
     cfg = cfg or ExportConfig()
-    log(f"[lp-export] loading {str(ckpt_path)!r} (weights_only)")
-    model, ckpt = load_classifier(ckpt_path)
-    splits = _splits(ckpt["hyper_parameters"], cfg, ckpt_path)
+    module = module.float().eval()
+    splits = _splits(datamodule, cfg, keys or BatchKeys())
     x_test, y_test, calib = splits
-    plain, qparams = _plain_model(model, ckpt)
+    with torch.no_grad():
+        require_logits(module(torch.from_numpy(x_test[:2])), "lp-export", module)
+    plain, qparams = _plain_model(module)
     with staging_dir(out_dir) as (out, staging):
         with torch.no_grad():
             ref = plain(torch.from_numpy(x_test)).float().numpy()
-            others = {"fake_quant": model(torch.from_numpy(x_test)).float().numpy()} if qparams else {}
+            others = {"fake_quant": module(torch.from_numpy(x_test)).float().numpy()} if qparams else {}
         log("[lp-export] fp32: torch.onnx.export (dynamic batch, weights inside the file)")
         proto = to_onnx(plain, torch.from_numpy(x_test[:2]))
         diff = check_parity(plain, proto, torch.from_numpy(x_test), cfg.parity_atol)
@@ -198,9 +208,10 @@ def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
         report: dict[str, Any] = {
             "formats": formats,
             "cpu": {**cpu_info(), "threads": cfg.threads},
-            "checkpoint": str(ckpt_path),
-            "model": ckpt["hyper_parameters"].get("net"),
-            "pytorch_fp32_accuracy": float((ref.argmax(1) == y_test).mean()),
+            "checkpoint": source,
+            "model": _model_name(module),
+            "data": class_path(type(datamodule)),
+            "pytorch_fp32_accuracy": None if y_test is None else float((ref.argmax(1) == y_test).mean()),
             "thresholds": dict(cfg.thresholds),
         }
         report["failures"] = check_thresholds(formats, cfg.thresholds)
@@ -208,3 +219,25 @@ def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
         _publish(paths, out, report)
     log(f"[lp-export] report: {out / REPORT_NAME}")
     return report
+
+
+def _model_name(module: torch.nn.Module) -> str:
+    """The built-in Classifier's net name, or the module's class path."""
+    net = getattr(getattr(module, "hparams", {}), "get", lambda _k: None)("net")
+    return str(net) if isinstance(net, str) and type(module).__name__ == "Classifier" else class_path(type(module))
+
+
+def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: ExportConfig | None = None,
+               log: Log = print, model_class: str | type[L.LightningModule] | None = None,
+               data: Mapping[str, Any] | None = None, keys: BatchKeys | None = None) -> dict[str, Any]:
+    """Export checkpoint ``ckpt_path`` (see :func:`export_module`).
+
+    ``model_class``: the checkpoint's LightningModule class (or dotted path); None: lp-train's Classifier.
+    ``data``: the DataModule as a Hydra-style node (``{"_target_": "pkg.MyDataModule", **arguments}``), built
+    from the checkpoint's saved DataModule hyperparameters updated with ``arguments``; without ``_target_``
+    the built-in datamodule an lp-train checkpoint records, updated with ``data``.
+    """
+    log(f"[lp-export] loading {str(ckpt_path)!r} (weights_only)")
+    module, ckpt = load_module(ckpt_path, model_class)
+    datamodule = build_data(ckpt, data, ckpt_path)
+    return export_module(module, datamodule, out_dir, cfg, keys, log, source=str(ckpt_path))

@@ -76,7 +76,8 @@ def table(report: Mapping[str, Any]) -> str:
         key_ops = [o for o in e["op_types"] if o.startswith(("Q", "MatMulNBits", "DequantizeLinear", "Conv",
                                                               "Gemm", "MatMul", "FusedConv", "FusedGemm"))]
         rows.append([fmt, f"{e['size_bytes'] / 1024:.1f}", f"{e['size_ratio']:.3f}" if "size_ratio" in e else "-",
-                     f"{e['accuracy']:.4f}", f"{e['agreement']:.4f}", f"{e['certified_fraction']:.4f}",
+                     "-" if e["accuracy"] is None else f"{e['accuracy']:.4f}", f"{e['agreement']:.4f}",
+                     f"{e['certified_fraction']:.4f}",
                      f"{e['max_abs_logit_diff']:.3g}"]
                     + [f"{e['latency_ms'][b]['p50']:.3f}" for b in batches] + [",".join(key_ops)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

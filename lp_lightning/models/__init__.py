@@ -1,9 +1,10 @@
-"""The Classifier LightningModule, its nets (mlp, cnn, vit) and safe checkpoint loading."""
+"""The Classifier LightningModule, its nets (mlp, cnn, vit) and safe checkpoint loading of any LightningModule."""
 
 from lp_lightning.models.checkpoint import (
     CheckpointError,
-    datamodule_from_hparams,
+    load_checkpoint,
     load_classifier,
+    load_module,
     read_checkpoint,
 )
 from lp_lightning.models.classifier import Classifier
@@ -14,7 +15,8 @@ __all__ = [
     "CheckpointError",
     "Classifier",
     "build_net",
-    "datamodule_from_hparams",
+    "load_checkpoint",
     "load_classifier",
+    "load_module",
     "read_checkpoint",
 ]

@@ -1,23 +1,36 @@
-"""Load untrusted checkpoints safely (weights_only) and rebuild the Classifier and its datamodule."""
+"""Load untrusted checkpoints safely (weights_only) and rebuild any LightningModule and its DataModule.
+
+A module is rebuilt the way ``MyModule.load_from_checkpoint`` does it (the hyperparameters saved by
+``save_hyperparameters`` are its arguments), plus the module swaps of structural plugins (fake-quant), so a
+checkpoint written under ``FakeQuantPrecision`` comes back as the fake-quant module it trained.
+"""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import lightning as L
 import torch
 
 from lp_lightning.cli import one_line
-from lp_lightning.data import TensorDataModule, build_datamodule
-from lp_lightning.models.classifier import Classifier
 
 # Plugins that change the module structure store their config in the checkpoint under their class
 # name; each provides ``restore_module(module, state) -> module`` rebuilding that structure.
 STRUCTURAL_PLUGINS = {"FakeQuantPrecision": "lp_lightning.precision.fake_quant"}
+# LightningCLI records how to rebuild nested class_path arguments; the only instantiator trusted here.
+TRUSTED_INSTANTIATORS = ("lightning.pytorch.cli.instantiate_module",)
+
+M = TypeVar("M", bound=L.LightningModule)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, unsafe or does not fit the class it is loaded into."""
 
 
 def structural_config(ckpt: Mapping[str, Any], name: str) -> dict[str, Any] | None:
@@ -27,8 +40,28 @@ def structural_config(ckpt: Mapping[str, Any], name: str) -> dict[str, Any] | No
     return dict(config) if isinstance(config, Mapping) else None
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, unsafe or lacks what the tools need."""
+def import_class(path: str, base: type, arg: str) -> type:
+    """The class named by the dotted ``path``, checked to subclass ``base``; one-line ValueError naming ``arg``."""
+    if not isinstance(path, str) or "." not in path.strip("."):
+        raise ValueError(f"{arg}={path!r} must be a dotted class path such as pkg.module.My"
+                         f"{base.__name__.removeprefix('Lightning')}")
+    module_name, _, name = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), name)
+    except ImportError as exc:
+        raise ValueError(f"{arg}={path!r} does not import: {one_line(exc)} (is the package installed or on "
+                         "PYTHONPATH?)") from exc
+    except AttributeError as exc:
+        raise ValueError(f"{arg}={path!r} does not import: module {module_name!r} has no {name!r}") from exc
+    if not isinstance(obj, type) or not issubclass(obj, base):
+        kind = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+        raise ValueError(f"{arg}={path!r} is a {kind}, not a subclass of {base.__module__}.{base.__qualname__}")
+    return obj
+
+
+def class_path(cls: type) -> str:
+    """``module.QualName`` of ``cls`` (what ``import_class`` takes)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -55,15 +88,36 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(file)!r} is corrupt or not a torch checkpoint: {exc}") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {str(file)!r} has no 'state_dict': not a Lightning checkpoint")
-    if not ckpt.get("hyper_parameters"):
-        raise CheckpointError(
-            f"checkpoint {str(file)!r} has no saved hyperparameters: it was not written by lp-train/Classifier"
-        )
     return ckpt
 
 
-def restore_structure(model: Classifier, ckpt: dict[str, Any]) -> Classifier:
-    """Re-apply module swaps of structural plugins recorded in ``ckpt`` so the state dict fits."""
+def _init_kwargs(cls: type, saved: Mapping[str, Any], name: str | None) -> dict[str, Any]:
+    """``cls.__init__`` arguments from saved hyperparameters, as Lightning's ``_load_state`` builds them."""
+    params = inspect.signature(cls.__init__).parameters
+    if name and name in params:  # save_hyperparameters(hparams) of one Namespace/dict argument
+        return {name: dict(saved)}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(saved)
+    return {k: v for k, v in saved.items() if k in params and k != "self"}
+
+
+def instantiate_from(cls: type[Any], ckpt: Mapping[str, Any], key: str) -> Any:
+    """``cls`` built from the hyperparameters a checkpoint saved under ``key`` (module or datamodule)."""
+    saved = dict(ckpt.get(key) or {})
+    instantiator = saved.pop("_instantiator", None)
+    saved.pop("_class_path", None)
+    kwargs = _init_kwargs(cls, saved, ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_NAME) if key == "hyper_parameters" else None)
+    if instantiator is None:
+        return cls(**kwargs)
+    if instantiator not in TRUSTED_INSTANTIATORS:
+        raise CheckpointError(f"the checkpoint asks for instantiator {instantiator!r}, which is not trusted "
+                              f"(allowed: {list(TRUSTED_INSTANTIATORS)})")
+    module_name, _, name = instantiator.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)(cls, kwargs)
+
+
+def restore_structure(model: M, ckpt: Mapping[str, Any]) -> M:
+    """Re-apply module swaps of structural plugins recorded in ``ckpt`` so its state dict fits ``model``."""
     for key, module_name in STRUCTURAL_PLUGINS.items():
         if key in ckpt:
             plugin_cls = getattr(importlib.import_module(module_name), key)
@@ -71,35 +125,66 @@ def restore_structure(model: Classifier, ckpt: dict[str, Any]) -> Classifier:
     return model
 
 
-def load_classifier(path: str | os.PathLike[str]) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the trained Classifier (fp32, eval mode) and return it with the raw checkpoint."""
-    ckpt = read_checkpoint(path)
+def _full_state(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's state dict plus the module state structural plugins keep beside it."""
+    state = dict(ckpt["state_dict"])
+    for key in STRUCTURAL_PLUGINS:
+        extra = ckpt.get(key)
+        if isinstance(extra, Mapping) and isinstance(extra.get("module_state"), Mapping):
+            state.update(extra["module_state"])
+    return state
+
+
+def module_from_checkpoint(cls: type[M], ckpt: Mapping[str, Any], source: str | os.PathLike[str]) -> M:
+    """``cls`` rebuilt from a read checkpoint (hyperparameters, ``on_load_checkpoint``, plugin structure,
+    weights, strictly); a checkpoint that does not fit is one CheckpointError naming file, class and cause."""
     try:
-        model = Classifier(**ckpt["hyper_parameters"])
+        model = instantiate_from(cls, ckpt, "hyper_parameters")
+        if type(model).configure_model is not L.LightningModule.configure_model:
+            model.configure_model()
+        model.on_load_checkpoint(dict(ckpt))
         model = restore_structure(model, ckpt)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-        model.load_state_dict(state)
+        model.load_state_dict(_full_state(ckpt), strict=True)
+    except CheckpointError:
+        raise
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         cause = one_line(exc, limit=400)  # a state-dict error has its cause on the second line
-        raise CheckpointError(f"checkpoint {str(path)!r} does not rebuild a Classifier: {cause}") from exc
-    return model.float().eval(), ckpt
+        raise CheckpointError(f"checkpoint {str(source)!r} does not fit {class_path(cls)}: {cause}") from exc
+    return model
 
 
-def datamodule_from_hparams(hparams: dict[str, Any], source: str | os.PathLike[str] | None = None,
-                            **overrides: Any) -> TensorDataModule:
-    """The datamodule a checkpoint was trained on (``hparams["data"]``), with optional overrides.
+def load_checkpoint(cls: type[M], path: str | os.PathLike[str]) -> M:
+    """``cls.load_from_checkpoint(path)`` for checkpoints of any precision plugin, fake-quant included.
 
-    A ``data`` entry that builds no datamodule is a CheckpointError naming ``source`` (the checkpoint).
+    Reads with ``weights_only=True`` (pickled objects are refused), builds ``cls`` from the saved
+    hyperparameters, re-applies ``FakeQuantPrecision``'s layer swaps with its recorded observers and scales,
+    and loads the weights strictly. The module is returned in float32 and eval mode, on the CPU.
     """
-    data = hparams.get("data") or {"name": "digits"}
-    where = f"checkpoint {str(source)!r}: " if source is not None else ""
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{where}hyper_parameters.data={data!r} is not a mapping of datamodule settings")
-    data = dict(data)
-    name = data.pop("name", "digits")
-    data.update(overrides)
-    try:
-        return build_datamodule(name, **data)
-    except (TypeError, ValueError) as exc:
-        cause = one_line(exc, limit=400)
-        raise CheckpointError(f"{where}hyper_parameters.data does not build a datamodule: {cause}") from exc
+    model = module_from_checkpoint(cls, read_checkpoint(path), path)
+    return model.float().eval()
+
+
+def load_module(path: str | os.PathLike[str], model_class: str | type[L.LightningModule] | None = None
+                ) -> tuple[L.LightningModule, dict[str, Any]]:
+    """The module of checkpoint ``path`` (float32, eval mode) and the raw checkpoint.
+
+    ``model_class``: the LightningModule class or its dotted path; None: the built-in Classifier (lp-train).
+    """
+    if model_class is None:
+        from lp_lightning.models.classifier import Classifier
+
+        cls: type[L.LightningModule] = Classifier
+    elif isinstance(model_class, str):
+        cls = import_class(model_class, L.LightningModule, "model_class")
+    else:
+        cls = model_class
+    ckpt = read_checkpoint(path)
+    if model_class is None and not ckpt.get("hyper_parameters"):
+        raise CheckpointError(f"checkpoint {str(path)!r} has no saved hyperparameters: it was not written by "
+                              "lp-train; give its class with model_class=pkg.module.MyModule")
+    return module_from_checkpoint(cls, ckpt, path).float().eval(), ckpt
+
+
+def load_classifier(path: str | os.PathLike[str]) -> tuple[L.LightningModule, dict[str, Any]]:
+    """The built-in Classifier of an lp-train checkpoint (float32, eval mode) and the raw checkpoint."""
+    return load_module(path)

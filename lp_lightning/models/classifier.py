@@ -106,11 +106,7 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Re-apply module swaps recorded by structural plugins (fake-quant) so a resumed fit loads its state,
-        and stretch a saved cosine schedule to this run's length (a resume with a larger ``max_epochs``)."""
-        from lp_lightning.models.checkpoint import restore_structure  # checkpoint.py imports this module
-
-        restore_structure(self, checkpoint)
+        """Stretch a saved cosine schedule to this run's length (a resume with a larger ``max_epochs``)."""
         max_epochs = self._trainer.max_epochs if self._trainer is not None else None
         if max_epochs is not None and max_epochs >= 1 and (self.hparams.scheduler or {}).get("name") == "cosine":
             stretch_cosine(checkpoint, max_epochs)  # (a step budget's span is fixed by max_steps)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lp_lightning.data import DigitsDataModule
-from lp_lightning.models import CheckpointError, Classifier, datamodule_from_hparams, load_classifier, read_checkpoint
+from lp_lightning.data.rebuild import datamodule_from_hparams
+from lp_lightning.models import CheckpointError, Classifier, load_classifier, read_checkpoint
 from lp_lightning.models.optim import OPTIMIZERS, build_optimizer, build_scheduler
 from tests.conftest import fit_classifier
 
@@ -87,9 +88,10 @@ def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="corrupt.ckpt"):
         read_checkpoint(corrupt)
     nohp = tmp_path / "nohp.ckpt"
-    torch.save({"state_dict": {}}, nohp)
-    with pytest.raises(CheckpointError, match="nohp.ckpt.*no saved hyperparameters"):
-        read_checkpoint(nohp)
+    torch.save({"state_dict": {}}, nohp)  # readable (a user's module may save no hyperparameters) ...
+    assert read_checkpoint(nohp) == {"state_dict": {}}
+    with pytest.raises(CheckpointError, match="nohp.ckpt.*no saved hyperparameters.*model_class="):
+        load_classifier(nohp)  # ... but not an lp-train checkpoint
 
 
 def test_checkpoint_with_code_is_refused_and_not_run(tmp_path: Path) -> None:
