@@ -17,11 +17,14 @@ from lp_lightning.quant import (
     GRANULARITIES,
     MovingAverageMinMaxObserver,
     QuantSpec,
+    accept_plain_state_dicts,
     broadcast_observers,
     dequantize,
     fake_quant_layers,
+    load_quant_state,
     matches,
     parse_bits,
+    quant_state_dict,
     quantize_modules,
 )
 
@@ -48,6 +51,15 @@ class FakeQuantPrecision(Precision):
         averaging_constant: weight of each new batch in the observers' moving average.
 
     After ``convert_module``, ``converted_layers`` lists the fake-quant layers (also logged).
+
+    Checkpoints: ``checkpoint["state_dict"]`` holds the plain model's entries only (the latent float
+    weights), so ``MyModule.load_from_checkpoint(path)`` and a fresh ``Trainer.fit/test(ckpt_path=...)``
+    load it; the fake-quant buffers (weight scales, observer ranges) are in
+    ``checkpoint["FakeQuantPrecision"]["module_state"]`` beside ``config`` and ``steps``, and this plugin
+    loads them back after ``convert_module``. ``MyModule.load_from_checkpoint`` therefore gives the float
+    model WITHOUT fake quantization; ``lp_lightning.load_checkpoint(MyModule, path)`` (or
+    ``restore_module``) gives the fake-quant model. Checkpoints written with ``save_weights_only=True``
+    carry no plugin state: their ``state_dict`` keeps the fake-quant buffers (a warning says so).
     """
 
     precision: str = "32-true"
@@ -85,6 +97,8 @@ class FakeQuantPrecision(Precision):
         self.steps = 0
         self.converted_layers: list[str] = []
         self._observers: list[MovingAverageMinMaxObserver] = []
+        self._module: nn.Module | None = None  # the module convert_module swapped: its buffers go to checkpoints
+        self._pending_state: Mapping[str, Any] | None = None  # module_state loaded before convert_module
 
     @property
     def num_converted(self) -> int:
@@ -102,8 +116,14 @@ class FakeQuantPrecision(Precision):
             raise ValueError(f"FakeQuantPrecision found no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d) in "
                              f"{type(module).__name__} (skip={self.skip!r}): fake quantization would change nothing")
         self.converted_layers = names
+        self._module = module
         self._observers = [layer.act_observer for layer in fake_quant_layers(module).values()
                            if layer.act_observer is not None]
+        accept_plain_state_dicts(module)  # e.g. test(ckpt_path="best") after fit: the trainer's module is converted
+        _warn_weights_only_checkpoints(module)
+        if self._pending_state is not None:
+            load_quant_state(module, self._pending_state, owner="FakeQuantPrecision")
+            self._pending_state = None
         if self._should_freeze():
             self._freeze()
         spec = self.spec
@@ -153,23 +173,59 @@ class FakeQuantPrecision(Precision):
     def state_dict(self) -> dict[str, Any]:
         return {"config": dict(self.config), "steps": self.steps, "converted_layers": list(self.converted_layers)}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Move the fake-quant buffers out of ``checkpoint["state_dict"]`` into this plugin's entry
+        (``module_state``), so the state dict loads into the plain model."""
+        if self._module is None or not isinstance(checkpoint.get("state_dict"), dict):
+            return
+        weights = checkpoint["state_dict"]
+        moved = {k: weights.pop(k) for k in quant_state_dict(self._module) if k in weights}
+        checkpoint.setdefault(type(self).__qualname__, self.state_dict())["module_state"] = moved
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore ``steps`` and, when the checkpoint has them, the fake-quant buffers (``module_state``) of the
+        converted module (or of the module ``convert_module`` converts next); freeze the observers when past
+        ``freeze_observers_after``."""
         saved = dict(state_dict.get("config", {}))
         if saved and saved != self.config:
             rank_zero_warn(f"FakeQuantPrecision: the checkpoint was trained with {saved}, this plugin is {self.config}")
-        self.steps = int(state_dict.get("steps", 0))
+        self._restore(state_dict)
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state.get("steps", 0))
+        module_state = state.get("module_state")
+        if module_state is not None and self._module is None:
+            self._pending_state = module_state
+        elif module_state is not None:
+            load_quant_state(self._module, module_state, owner="FakeQuantPrecision")
+        if self._module is not None and self._should_freeze():
+            self._freeze()
 
     @classmethod
     def restore_module(cls, module: nn.Module, state: Mapping[str, Any]) -> nn.Module:
-        """Rebuild the fake-quant structure recorded in a checkpoint's plugin ``state`` (in place), so the
-        checkpoint's state dict (with its observer and scale buffers) loads into ``module``."""
+        """Rebuild the fake-quant structure recorded in a checkpoint's plugin ``state`` (in place) and load its
+        ``module_state`` (scales, observer ranges) when present; then the checkpoint's ``state_dict`` loads
+        into ``module`` (a full old-format one as well as a plain one: missing fake-quant entries keep theirs)."""
         config = state.get("config") if isinstance(state, Mapping) else None
         if not isinstance(config, Mapping):
             raise ValueError(f"FakeQuantPrecision state has no 'config' mapping: {state!r}")
         plugin = cls(**config)
-        plugin.steps = int(state.get("steps", 0))
-        return plugin.convert_module(module)
+        plugin.convert_module(module)
+        plugin._restore(state)
+        return module
 
     def reference_module(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """A NEW plain unquantized copy of ``module`` (original float weights, plain layer types) in ``dtype``."""
         return dequantize(module, snap=False).to(dtype)
+
+
+def _warn_weights_only_checkpoints(module: nn.Module) -> None:
+    """Warn when the Trainer of ``module`` writes ``save_weights_only`` checkpoints: they keep the fake-quant
+    buffers in their state dict (no plugin hook runs for them)."""
+    trainer = getattr(module, "_trainer", None)  # a LightningModule attached to a Trainer
+    if any(getattr(cb, "save_weights_only", False) for cb in getattr(trainer, "checkpoint_callbacks", [])):
+        rank_zero_warn("FakeQuantPrecision: ModelCheckpoint(save_weights_only=True) saves no plugin state, so its "
+                       "checkpoints keep the fake-quant buffers in 'state_dict' and have no fake-quant config: they "
+                       "load only into a module converted by FakeQuantPrecision (plugin.convert_module(model) "
+                       "first), not into the plain model or a fresh Trainer(ckpt_path=...); drop save_weights_only "
+                       "for checkpoints that load anywhere")

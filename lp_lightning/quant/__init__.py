@@ -20,6 +20,7 @@ from lp_lightning.quant.qparams import (
     symmetric_weight_scale,
 )
 from lp_lightning.quant.spec import GRANULARITIES, QuantSpec, parse_bits
+from lp_lightning.quant.state import accept_plain_state_dicts, load_quant_state, quant_state_dict
 from lp_lightning.quant.swap import convert, dequantize, fake_quant_layers, matches, quantize_modules
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "FakeQuantModule",
     "MovingAverageMinMaxObserver",
     "QuantSpec",
+    "accept_plain_state_dicts",
     "affine_qparams",
     "broadcast_observers",
     "convert",
@@ -40,8 +42,10 @@ __all__ = [
     "fake_quantize_per_tensor",
     "fake_quantize_weight",
     "integer_weight",
+    "load_quant_state",
     "matches",
     "parse_bits",
+    "quant_state_dict",
     "quantize_modules",
     "symmetric_weight_scale",
     "torch_fake_quant_ops",

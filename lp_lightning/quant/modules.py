@@ -100,6 +100,13 @@ class FakeQuantModule(nn.Module):
             self.weight_scale.copy_(scale)
         return fake_quantize_weight(self.weight, scale, self.weight_zero_point, spec.weight_bits, spec.group_size)
 
+    def quant_state_dict(self, prefix: str = "") -> dict[str, Tensor]:
+        """The entries of this layer's state dict that a plain ``float_cls`` layer lacks (qparam buffers)."""
+        state = {prefix + name: self._buffers[name].detach() for name in _QUANT_BUFFERS}
+        if self.act_observer is not None:
+            state.update(self.act_observer.state_dict(prefix=prefix + "act_observer."))
+        return state
+
     def freeze_observer(self, frozen: bool = True) -> None:
         if self.act_observer is not None:
             self.act_observer.freeze(frozen)

@@ -119,7 +119,8 @@ def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path: Path, net: s
     ckpt = torch.load(ckpt_path, weights_only=True)
     state = ckpt["FakeQuantPrecision"]
     assert state["config"]["weight"] == kwargs["weight"] and state["steps"] == trainer.global_step == 6
-    assert any(k.endswith("act_observer.scale") for k in ckpt["state_dict"])
+    assert any(k.endswith("act_observer.scale") for k in state["module_state"])  # beside the plain state dict
+    assert not set(state["module_state"]) & set(ckpt["state_dict"])
     loaded, _ = load_classifier(ckpt_path)
     assert list(fake_quant_layers(loaded)) == plugin.converted_layers
     assert _observers(loaded) == _observers(model) and all(f for *_, f in _observers(loaded).values())
