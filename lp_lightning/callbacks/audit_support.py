@@ -1,4 +1,4 @@
-"""Helpers of ToleranceAudit (pure torch): reference copy, RNG and train-mode guards, logits capture."""
+"""Helpers of ToleranceAudit (pure torch): reference copy, RNG and train-mode guards, logits check and capture."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["REFERENCE_DTYPES", "ValidationCapture", "batch_inputs", "check_logits", "eval_mode",
-           "parse_reference", "reference_copy", "rng_preserved"]
+from lp_lightning.batches import BatchKeys
+
+__all__ = ["REFERENCE_DTYPES", "SCOPE", "ValidationCapture", "check_forward", "check_logits", "describe", "eval_mode",
+           "is_logits", "parse_reference", "reference_copy", "rng_preserved"]
+
+SCOPE = "the Lemma-1 audit certifies classification logits only"
 
 REFERENCE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -73,24 +77,61 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def batch_inputs(batch: Any) -> Tensor:
-    x = batch[0] if isinstance(batch, (list, tuple)) else batch
-    if not isinstance(x, Tensor):
-        raise TypeError(f"ToleranceAudit expects batches (x, y) or x with a tensor x, got {type(x).__name__}")
-    return x
+def is_logits(out: Any, n: int | None = None) -> bool:
+    """Whether ``out`` is (N, C) floating-point class logits with C >= 2 (and N == ``n`` if given)."""
+    return (isinstance(out, Tensor) and out.ndim == 2 and out.shape[1] >= 2 and out.is_floating_point()
+            and (n is None or out.shape[0] == n))
+
+
+def describe(out: Any) -> str:
+    """A short description of a model output for an error message: type, shape, dtype."""
+    if isinstance(out, Tensor):
+        dtype = str(out.dtype).removeprefix("torch.")
+        return f"{'an' if dtype.startswith('i') else 'a'} {dtype} tensor of shape {tuple(out.shape)}"
+    if isinstance(out, dict):
+        return f"a dict with keys {sorted(map(str, out))}"
+    if isinstance(out, (list, tuple)):
+        return f"a {type(out).__name__} of {len(out)} ({', '.join(type(o).__name__ for o in out[:4])})"
+    return f"a {type(out).__name__}"
 
 
 def check_logits(out: Any, what: str) -> Tensor:
-    if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 1:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"ToleranceAudit needs (N, C) logits with C >= 1 from the {what} model, got {shape}")
+    """``out`` if it is (N, C) class logits with C >= 2; else a ValueError naming ``what`` returned it."""
+    if not is_logits(out):
+        raise ValueError(f"ToleranceAudit needs (N, C) classification logits with C >= 2 from {what}, got "
+                         f"{describe(out)}; {SCOPE}")
     return out
 
 
-class ValidationCapture:
-    """Forward hook recording the validation loop's own low-precision logits, one forward per batch."""
+def check_forward(module: nn.Module, plugin: Any, x: Tensor, setting: str, split: str) -> None:
+    """Refuse, with one line naming the model, its output and ``setting``, a model whose no-grad eval-mode
+    forward of ``x`` (through the plugin, as the audit runs it) raises or does not return class logits.
+    Train modes and random streams are left as they were."""
+    name = type(module).__name__
+    change = ("set input_key / input_index to the model's input, or remove ToleranceAudit for a model that is not "
+              "a classifier")
+    try:
+        with torch.no_grad(), rng_preserved(), eval_mode(module), plugin.forward_context():
+            out = module(plugin.convert_input(x))
+    except Exception as err:  # e.g. the labels were picked as the input
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{setting}: {name}'s forward on the {split} batch's input ({describe(x)}) raised "
+                         f"{type(err).__name__}: {first}; {change}; {SCOPE}") from err
+    if not is_logits(out, len(x)):
+        raise ValueError(f"{setting}: {name} returned {describe(out)} for the {split} batch's input ({describe(x)}), "
+                         f"not (N, C) classification logits with C >= 2 (N = {len(x)}); {SCOPE}: {change} "
+                         "(e.g. a regression model)")
 
-    def __init__(self, module: nn.Module) -> None:
+
+class ValidationCapture:
+    """Forward hook recording the validation loop's own low-precision logits, one forward per batch.
+
+    ``keys`` finds the input in a batch (dicts by key, tuples by position); a batch whose input it cannot find,
+    or a step that is not one forward of that input, invalidates the capture and the audit recomputes.
+    """
+
+    def __init__(self, module: nn.Module, keys: BatchKeys | None = None) -> None:
+        self.keys = keys or BatchKeys()
         self.inputs: list[Tensor] = []  # the converted inputs the loop passed to the module
         self.outputs: list[Any] = []
         self.valid = True
@@ -104,8 +145,11 @@ class ValidationCapture:
 
     def start(self, batch: Any, dataloader_idx: int) -> None:
         self._calls = []
-        x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
-        self._x = x if dataloader_idx == 0 and isinstance(x, Tensor) else None
+        try:
+            x: Tensor | None = self.keys.inputs(batch)
+        except ValueError:
+            x = None  # the input is not found: the audit recomputes (and reports the setting to change)
+        self._x = x if dataloader_idx == 0 else None
 
     def end(self) -> None:
         if self._x is None or len(self._calls) != 1 or self._calls[0][0] is not self._x:

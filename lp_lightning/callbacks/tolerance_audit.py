@@ -14,9 +14,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lp_lightning.audit.tolerance import Comparison, compare, summary
+from lp_lightning.batches import BatchKeys
 from lp_lightning.callbacks.audit_support import (
+    SCOPE,
     ValidationCapture,
-    batch_inputs,
+    check_forward,
     check_logits,
     eval_mode,
     parse_reference,
@@ -33,6 +35,14 @@ LOGGED = ("certified_fraction", "agreement", "violations", "err_mean", "tol_mean
 class ToleranceAudit(Callback):
     """Compare the trained model with a higher-precision reference of the same weights on validation data.
 
+    The model must be a classifier: ``model(x)`` returns (N, C) logits with C >= 2 (the Lemma-1 certificate
+    is about the top-1 class). The input ``x`` is read from each batch like :class:`lp_lightning.batches.BatchKeys`
+    does: a bare tensor, ``batch[input_index]`` of a tuple/list (``(x, y)``, ``(x, y, index)``, ...) or
+    ``batch[input_key]`` of a dict; targets are not needed. Before the first training step (at the first
+    sanity-check or training batch of a fit) a no-grad eval-mode forward of 2 samples checks both, and a
+    batch or output the audit cannot use (a wrong key, a non-tensor input, a regression output (N, 1) or (N,))
+    is refused there with a ValueError naming the setting to change, not after an epoch.
+
     Per audited epoch it logs ``audit/{certified_fraction, agreement, violations, err_mean, tol_mean,
     nonfinite}`` and writes ``audit/epoch_XXX.json`` (the report keys of
     :func:`lp_lightning.audit.tolerance.summarize`) and ``audit/epoch_XXX.png`` into ``trainer.log_dir``.
@@ -43,10 +53,13 @@ class ToleranceAudit(Callback):
         every_n_epochs: audit after the validation of every n-th epoch.
         max_samples: audit at most this many validation samples (all ranks together); None: all.
         plot: also write the tolerance-vs-error PNG.
+        input_key: the key of the input tensor in dict batches.
+        input_index: the position of the input tensor in tuple/list batches.
     """
 
     def __init__(self, reference: str = "float32", every_n_epochs: int = 1, max_samples: int | None = None,
-                 plot: bool = True) -> None:
+                 plot: bool = True, input_key: str = "input", input_index: int = 0) -> None:
+        self.keys = BatchKeys(input_key=input_key, target_key=None, input_index=input_index, target_index=None)
         self.reference_dtype = parse_reference(reference)
         self.reference = str(self.reference_dtype).removeprefix("torch.")
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -65,10 +78,13 @@ class ToleranceAudit(Callback):
         self._ref: nn.Module | None = None  # cached reference copy (no reference_module), refreshed per audit
         self.last_source = ""  # "captured" (validation loop's own logits) or "recomputed"
         self._epochs_written: set[int] = set()  # epochs of this fit with an audit file already
+        self._probed = False  # this fit's model output was checked on one batch
+        self._val_checked = False  # this fit's validation batches were checked for the input
 
     # -- hooks ------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epochs_written.clear()
+        self._probed = self._val_checked = False
         low = self._low_dtype(trainer, pl_module)
         if low is not None and torch.finfo(low).bits > torch.finfo(self.reference_dtype).bits:
             raise ValueError(f"reference={self.reference!r} is not higher than the model's precision {low}; "
@@ -81,10 +97,20 @@ class ToleranceAudit(Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_capture()
         if self._audits(trainer):
-            self._capture = ValidationCapture(pl_module)
+            self._capture = ValidationCapture(pl_module, self.keys)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self._probed:
+            self._probe(trainer, pl_module, batch, "training")
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.state.fn == "fit" and dataloader_idx == 0 and not self._val_checked:
+            if trainer.sanity_checking and not self._probed:  # here the probe stays out of every training step
+                self._probe(trainer, pl_module, batch, "validation")
+            self._input(batch, pl_module, "validation")
+            self._val_checked = True
         if self._capture is not None:
             self._capture.start(batch, dataloader_idx)
 
@@ -152,6 +178,24 @@ class ToleranceAudit(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.wait_for_plots()
 
+    # -- the checks before training ---------------------------------------------------------------------
+    def _settings(self) -> str:
+        return f"ToleranceAudit(input_key={self.keys.input_key!r}, input_index={self.keys.input_index})"
+
+    def _input(self, batch: Any, pl_module: L.LightningModule, split: str) -> Tensor:
+        """The input tensor of ``batch``; a one-line ValueError naming the model and the setting otherwise."""
+        try:
+            return self.keys.inputs(batch)
+        except ValueError as err:
+            raise ValueError(f"{self._settings()} cannot read the input of {type(pl_module).__name__}'s {split} "
+                             f"batch: {err}; {SCOPE}") from err
+
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, split: str) -> None:
+        """Refuse a batch layout or a model output the audit cannot use, before any optimizer step."""
+        x = self._input(batch, pl_module, split)[:2]
+        check_forward(pl_module, trainer.precision_plugin, x, self._settings(), split)
+        self._probed = True
+
     # -- the audit itself -------------------------------------------------------------------------------
     @torch.no_grad()
     def audit(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -172,7 +216,7 @@ class ToleranceAudit(Callback):
             for i, batch in enumerate(loader):
                 if i >= n_batches or (cap is not None and n >= cap):
                     break
-                x = batch_inputs(batch).to(pl_module.device)
+                x = self._input(batch, pl_module, "validation").to(pl_module.device)
                 xs.append(x if cap is None else x[: cap - n])
                 n += len(xs[-1])
             if not xs:
@@ -184,10 +228,11 @@ class ToleranceAudit(Callback):
                 for x in xs:
                     with plugin.forward_context():
                         lows.append(pl_module(plugin.convert_input(x)))
-            low = torch.cat([check_logits(o, "audited").detach().to(torch.float64) for o in lows])
+            name = type(pl_module).__name__
+            low = torch.cat([check_logits(o, name).detach().to(torch.float64) for o in lows])
             reference = self._reference(pl_module, plugin)
-            ref = torch.cat([check_logits(reference(x.to(self.reference_dtype)), "reference").to(torch.float64)
-                             for x in xs])
+            ref = torch.cat([check_logits(reference(x.to(self.reference_dtype) if x.is_floating_point() else x),
+                                          f"the reference copy of {name}").to(torch.float64) for x in xs])
             del reference
         return compare(self._gather(pl_module, low, loader, world), self._gather(pl_module, ref, loader, world))
 

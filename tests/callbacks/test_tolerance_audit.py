@@ -20,6 +20,7 @@ from torch import nn
 from lp_lightning.audit.tolerance import REPORT_KEYS, summary
 from lp_lightning.callbacks import EpsilonGuard, ToleranceAudit
 from lp_lightning.callbacks import tolerance_audit as ta
+from lp_lightning.callbacks.audit_support import check_logits
 from lp_lightning.data import DigitsDataModule
 from lp_lightning.models import Classifier
 from lp_lightning.precision import PureHalfPrecision
@@ -205,12 +206,24 @@ class _BadOutput(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_output_not_logits_names_the_shape(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sanity_steps", [0, 2], ids=["at_first_train_batch", "at_sanity_check"])
+def test_output_not_logits_names_the_shape_before_training(tmp_path: Path, sanity_steps: int) -> None:
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, default_root_dir=str(tmp_path),
+                        enable_checkpointing=False, default_root_dir=str(tmp_path), num_sanity_val_steps=sanity_steps,
                         callbacks=[ToleranceAudit()], **FAST)
-    with pytest.raises(ValueError, match=r"\(N, C\) logits.*got \(64, 2, 10\)"):
+    split = "training" if sanity_steps == 0 else "validation"
+    with pytest.raises(ValueError, match=rf"_BadOutput returned a float32 tensor of shape \(2, 2, 10\) for the "
+                       rf"{split} batch's input.*\(N, C\) classification logits with C >= 2.*Lemma-1"):
         trainer.fit(_BadOutput(), datamodule=DigitsDataModule(batch_size=64))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("out", [torch.zeros(4), torch.zeros(4, 1), torch.zeros(4, 3, dtype=torch.int64),
+                                 (torch.zeros(4, 3),)], ids=["N", "N1", "int", "tuple"])
+def test_check_logits_demands_two_or_more_float_classes(out) -> None:
+    with pytest.raises(ValueError, match=r"C >= 2 from Net, got an? .*; the Lemma-1 audit certifies classification"):
+        check_logits(out, "Net")
+    assert check_logits(torch.zeros(4, 2), "Net").shape == (4, 2)
 
 
 DDP_BODY = """
