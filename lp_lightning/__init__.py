@@ -2,12 +2,14 @@
 
 from lp_lightning.callbacks import EpsilonGuard, NumericsMonitor, ToleranceAudit
 from lp_lightning.data import Cifar10DataModule, DigitsDataModule, SyntheticDataModule
-from lp_lightning.models import Classifier, load_classifier
+from lp_lightning.batches import BatchKeys
+from lp_lightning.models import Classifier, load_checkpoint, load_classifier
 from lp_lightning.precision import FakeQuantPrecision, Float8Precision, PureHalfPrecision
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchKeys",
     "Cifar10DataModule",
     "Classifier",
     "DigitsDataModule",
@@ -19,5 +21,6 @@ __all__ = [
     "SyntheticDataModule",
     "ToleranceAudit",
     "__version__",
+    "load_checkpoint",
     "load_classifier",
 ]

@@ -5,11 +5,11 @@
 
 Writes ``audit_report.json`` and ``audit_plot.png`` (run dir or ``out_dir``) and prints a short table.
 Bad input (missing/corrupt checkpoint, different class counts) exits 2 with one line naming the file.
+A user's own module: ``model_class=pkg.mod.MyModule data._target_=pkg.mod.MyDataModule`` (as lp-export).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from collections.abc import Mapping
@@ -17,65 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.plugins.precision import Precision
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from lp_lightning.audit.tolerance import Comparison, compare, summary
-from lp_lightning.callbacks.audit_support import parse_reference, reference_copy
+from lp_lightning.audit.tolerance import Comparison
+from lp_lightning.audit_models import audit_modules
+from lp_lightning.batches import BatchKeys
+from lp_lightning.callbacks.audit_support import parse_reference
 from lp_lightning.cli import bad_config_exits_2, one_line
-from lp_lightning.config import config_dir, precision_kwargs
-from lp_lightning.data.rebuild import datamodule_from_hparams
+from lp_lightning.config import config_dir
+from lp_lightning.data.rebuild import build_data
+from lp_lightning.data.samples import split_loader
 from lp_lightning.io import write_json
-from lp_lightning.logs import quiet_loggers
-from lp_lightning.models import CheckpointError, load_classifier
+from lp_lightning.models import CheckpointError, load_module
 from lp_lightning.models.checkpoint import structural_config
+from lp_lightning.tools.checkpoint_args import model_and_data
 
 REPORT_NAME, PLOT_NAME = "audit_report.json", "audit_plot.png"
 SPLITS = ("train", "val", "test")
-
-
-def precision_plugin(precision_cfg: Mapping[str, Any] | None) -> Precision:
-    """The plugin of a ``conf/precision`` entry (Lightning's string or ``_target_``), as a Trainer builds it."""
-    fp32 = {"_target_": "lp_lightning.config.lightning_precision", "precision": "32-true"}
-    kwargs, plugins = precision_kwargs(precision_cfg or fp32)
-    with quiet_loggers("lightning.pytorch"):
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, plugins=plugins, **kwargs)
-    return trainer.precision_plugin
-
-
-@torch.no_grad()
-def logits(model: nn.Module, loader: DataLoader, plugin: Precision | None = None,
-           dtype: torch.dtype | None = None, max_samples: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(logits, labels)`` over ``loader``: through ``plugin`` (forward_context, convert_input) or in ``dtype``."""
-    outs, labels, n = [], [], 0
-    for x, y in loader:
-        if max_samples is not None:
-            x, y = x[: max_samples - n], y[: max_samples - n]
-        if plugin is not None:
-            with plugin.forward_context():
-                out = model(plugin.convert_input(x))
-        else:
-            out = model(x.to(dtype) if dtype is not None else x)
-        if not isinstance(out, Tensor) or out.ndim != 2:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"the model must return (N, C) logits, got {shape}")
-        outs.append(out.detach().to(torch.float64))
-        labels.append(y)
-        n += len(x)
-        if max_samples is not None and n >= max_samples:
-            break
-    return torch.cat(outs), torch.cat(labels)
-
-
-def _accuracy(z: Tensor, y: Tensor) -> float:
-    pred = (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
-    return float((pred == y).double().mean())
 
 
 def _as_stored(ckpt: Mapping[str, Any]) -> str:
@@ -89,43 +48,47 @@ def _as_stored(ckpt: Mapping[str, Any]) -> str:
 def audit_checkpoints(ckpt: str | os.PathLike[str], reference: str | os.PathLike[str] | None = None,
                       precision_cfg: Mapping[str, Any] | None = None, precision_name: str | None = None,
                       reference_dtype: str = "float32", split: str = "test", batch_size: int = 256,
-                      max_samples: int | None = None) -> tuple[dict[str, Any], Comparison]:
-    """Audit ``ckpt`` run in ``precision_cfg`` against ``reference`` (or itself) in ``reference_dtype``."""
-    ref_dtype = parse_reference(reference_dtype)
+                      max_samples: int | None = None, model_class: str | None = None,
+                      data: Mapping[str, Any] | None = None, keys: BatchKeys | None = None
+                      ) -> tuple[dict[str, Any], Comparison]:
+    """Audit checkpoint ``ckpt`` run in ``precision_cfg`` against ``reference`` (or itself) in ``reference_dtype``
+    on ``split`` of its DataModule (see :func:`lp_lightning.audit_models.audit_modules`).
+
+    ``model_class`` (both checkpoints' LightningModule; None: lp-train's Classifier) and ``data`` (a Hydra-style
+    DataModule node; None: the one an lp-train checkpoint records) as in :func:`lp_lightning.export.run_export`.
+    """
+    parse_reference(reference_dtype)
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not allowed; use one of {list(SPLITS)}")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"max_samples={max_samples!r} must be null or an integer >= 1")
     if reference is None and precision_cfg is None:
         raise ValueError("ckpt=A alone needs precision=<name> (e.g. precision=fp16), or reference=B")
-    model, raw = load_classifier(ckpt)
-    hp = raw["hyper_parameters"]
-    plugin = precision_plugin(precision_cfg)
-    if reference is not None:
-        ref_model, ref_raw = load_classifier(reference)
-        ref_hp = ref_raw["hyper_parameters"]
-        for key in ("num_classes", "input_shape"):
-            if ref_hp.get(key) != hp.get(key):
-                raise CheckpointError(f"reference {str(reference)!r} has {key}={ref_hp.get(key)!r} but ckpt "
-                                      f"{str(ckpt)!r} has {key}={hp.get(key)!r}: the models are not comparable")
-        ref_model = ref_model.to(ref_dtype).eval()
-    else:
-        ref_model = reference_copy(model, plugin, ref_dtype)
-    low_model = plugin.convert_module(copy.deepcopy(model)).eval()
-    dm = datamodule_from_hparams(hp, ckpt, batch_size=batch_size)
-    loader = DataLoader(dm.dataset(split), batch_size=batch_size, shuffle=False)
-    low, labels = logits(low_model, loader, plugin=plugin, max_samples=max_samples)
-    ref, _ = logits(ref_model, loader, dtype=ref_dtype, max_samples=max_samples)
-    comparison = compare(low, ref)
-    if precision_cfg is None and precision_name is None:
-        precision_name = _as_stored(raw)
-    report = {**summary(comparison),
-              "low_precision": precision_name or getattr(plugin, "precision", type(plugin).__name__),
-              "reference_precision": str(ref_dtype).removeprefix("torch."),
-              "mode": "models" if reference is not None else "precisions",
-              "ckpt": str(ckpt), "reference_ckpt": str(reference) if reference is not None else None,
-              "model": hp.get("net"), "data": (hp.get("data") or {}).get("name", "digits"), "split": split,
-              "accuracy_low": _accuracy(low, labels), "accuracy_reference": _accuracy(ref, labels)}
+    model, raw = load_module(ckpt, model_class)
+    ref_model = load_module(reference, model_class)[0] if reference is not None else None
+    if not (data or {}).get("_target_") and "batch_size" not in (data or {}):
+        data = {**(data or {}), "batch_size": batch_size}  # the built-in datamodule's loader batch
+    loader = split_loader(build_data(raw, data, ckpt), split)
+    try:
+        report, comparison = audit_modules(model, loader, reference=ref_model, precision=precision_cfg,
+                                           reference_dtype=reference_dtype, keys=keys, max_samples=max_samples,
+                                           batch_size=batch_size)
+    except ValueError as exc:
+        if "not comparable" in str(exc):  # name the files, not only the classes
+            raise CheckpointError(f"reference {str(reference)!r} vs ckpt {str(ckpt)!r}: {exc}") from exc
+        raise
+    if precision_cfg is None:
+        report["low_precision"] = _as_stored(raw)
+    elif precision_name is not None:
+        report["low_precision"] = precision_name
+    hp = raw.get("hyper_parameters") or {}
+    builtin = model_class is None
+    report.update({
+        "ckpt": str(ckpt), "reference_ckpt": str(reference) if reference is not None else None,
+        "model": hp.get("net") if builtin else model_class,
+        "data": (hp.get("data") or {}).get("name", "digits") if builtin and not (data or {}).get("_target_")
+        else (data or {}).get("_target_"),
+        "split": split})
     return report, comparison
 
 
@@ -151,7 +114,8 @@ def table(report: dict[str, Any]) -> str:
             ("nonfinite", f"{report['nonfinite']}"),
             ("err mean / p99 / max", f"{report['err_mean']:.2e} / {report['err_p99']:.2e} / {report['err_max']:.2e}"),
             ("tol mean / median", f"{report['tol_mean']:.3f} / {report['tol_median']:.3f}"),
-            ("accuracy low / ref", f"{report['accuracy_low']:.4f} / {report['accuracy_reference']:.4f}")]
+            ("accuracy low / ref", " / ".join("n/a (no labels)" if a is None else f"{a:.4f}"
+                                              for a in (report["accuracy_low"], report["accuracy_reference"])))]
     head = f"{report['low_precision']} vs {report['reference_precision']} ({report['mode']}, {report['split']})"
     return "\n".join([head, *(f"  {k:<22}{v}" for k, v in rows)])
 
@@ -166,13 +130,15 @@ def _positive_int(cfg: DictConfig, key: str, default: int) -> int:
 def run(cfg: DictConfig, out_dir: str | os.PathLike[str], precision_name: str | None = None) -> dict[str, Any]:
     """Audit as configured by a composed ``conf/audit.yaml``; write the outputs; return the report."""
     if not cfg.get("ckpt"):
-        raise ValueError("ckpt=PATH is required (a checkpoint written by lp-train)")
+        raise ValueError("ckpt=PATH is required (a Lightning checkpoint; model_class=pkg.mod.MyModule for your own)")
     precision_cfg = OmegaConf.to_container(cfg.precision, resolve=True) if cfg.get("precision") else None
+    keys, model_class, data = model_and_data(cfg)
     report, comparison = audit_checkpoints(
         str(cfg.ckpt), reference=str(cfg.reference) if cfg.get("reference") else None,
         precision_cfg=precision_cfg, precision_name=precision_name if precision_cfg else None,  # None: as stored
         reference_dtype=str(cfg.get("reference_dtype", "float32")), split=str(cfg.get("split", "test")),
-        batch_size=_positive_int(cfg, "batch_size", 256), max_samples=cfg.get("max_samples"))
+        batch_size=_positive_int(cfg, "batch_size", 256), max_samples=cfg.get("max_samples"),
+        model_class=model_class, data=data, keys=keys)
     write_outputs(report, comparison, cfg.get("out_dir") or out_dir, plot=bool(cfg.get("plot", True)))
     return report
 
@@ -195,7 +161,7 @@ def _app(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-main = bad_config_exits_2(_app)
+main = bad_config_exits_2(_app, open_data=True)
 
 if __name__ == "__main__":
     main()
