@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,14 @@ from lightning.pytorch.plugins.precision import Precision
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lp_lightning.callbacks.epsilon_guard import EpsilonGuard
-from lp_lightning.data import DATAMODULES, TensorDataModule
+from lp_lightning.data import DATAMODULES
 
 LIGHTNING_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+MONITOR_MODES = ("max", "min")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
+    "monitor": (str,),
     "trainer.max_epochs": (int,),
     "trainer.devices": (int, str, ListConfig),
     "data.batch_size": (int,),
@@ -57,6 +61,9 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, types):
             allowed = " or ".join("list" if t is ListConfig else t.__name__ for t in types)
             raise ValueError(f"{key}={value!r} has type {type(value).__name__}; expected {allowed}")
+    mode = cfg.get("monitor_mode", "max")
+    if mode not in MONITOR_MODES:
+        raise ValueError(f"monitor_mode={mode!r} is not allowed; choose one of {list(MONITOR_MODES)}")
 
 
 def lightning_precision(precision: str) -> str:
@@ -95,8 +102,37 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
     return [instantiate(c) for c in entries.values() if c is not None]
 
 
-def data_spec(datamodule: TensorDataModule, data_cfg: DictConfig) -> dict[str, Any]:
-    """Plain ``{"name": ..., **kwargs}`` describing the datamodule, stored in the model's checkpoint."""
+def model_extras(model_cfg: DictConfig, extras: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``extras`` (lp-train's ``input_shape``, ``num_classes``, ``optimizer``, ``data``) that the model's
+    ``_target_`` takes by name and its config does not set; None values are left out. A user's own model thus
+    gets only its own arguments (and keeps foreign keys out of its hyperparameters)."""
+    params = _parameters(str(model_cfg.get("_target_", "")))
+    return {k: v for k, v in extras.items() if k in params and k not in model_cfg and v is not None}
+
+
+def _parameters(target: str) -> set[str]:
+    """Names a ``_target_`` callable takes as keywords; empty when it does not import (instantiate says why)."""
+    module_name, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), name)
+        params = inspect.signature(obj).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def data_name(datamodule: object) -> str:
+    """A built-in datamodule's config name (``digits``), else the ``module.Class`` path of a user's own."""
     names = {cls: name for name, cls in DATAMODULES.items()}
+    return names.get(type(datamodule)) or class_name(datamodule)
+
+
+def class_name(obj: object) -> str:
+    """The ``module.QualName`` path of ``obj``'s class (what a ``_target_`` names)."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def data_spec(datamodule: object, data_cfg: DictConfig) -> dict[str, Any]:
+    """Plain ``{"name": ..., **kwargs}`` describing the datamodule, stored in the model's checkpoint."""
     spec = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k != "_target_"}
-    return {"name": names[type(datamodule)], **spec}
+    return {"name": data_name(datamodule), **spec}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,16 +17,51 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lp_lightning.cli import bad_config_exits_2, one_line
-from lp_lightning.config import build_callbacks, config_dir, data_spec, precision_kwargs, validate
+from lp_lightning.config import (
+    build_callbacks,
+    class_name,
+    config_dir,
+    data_name,
+    data_spec,
+    model_extras,
+    precision_kwargs,
+    validate,
+)
 from lp_lightning.io import atomic_write, write_json
 from lp_lightning.logs import share_file_handlers
-from lp_lightning.models import CheckpointError, read_checkpoint
-from lp_lightning.models.checkpoint import STRUCTURAL_PLUGINS, structural_config
+from lp_lightning.models import CheckpointError, Classifier, read_checkpoint
+from lp_lightning.models.checkpoint import STRUCTURAL_PLUGINS, restore_structure, structural_config
+
+CLASSIFIER_KEYS = ("net", "net_kwargs", "input_shape", "num_classes")  # what its weights' shapes depend on
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``best.ckpt`` by ``monitor``. When a validation ran without logging ``monitor`` it warns once, naming the
+    logged keys, and writes nothing (last.ckpt and the last weights carry the run) instead of raising."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.missing = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking  # not Trainer.validate
+        if fitting and not self.missing and self.monitor not in trainer.callback_metrics:
+            self.missing = True
+            rank_zero_warn(f"monitor={self.monitor!r} was not logged by {type(pl_module).__name__} (logged: "
+                           f"{sorted(trainer.callback_metrics)}): no best.ckpt, the last weights are tested; "
+                           "set monitor=<a logged key>")
+        if not self.missing:
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.missing and self.monitor in trainer.callback_metrics:  # else: no validation (yet)
+            super().on_train_epoch_end(trainer, pl_module)
 
 
 def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") -> dict[str, Any]:
@@ -34,13 +70,18 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     run_dir = Path(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    model = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes,
-                        optimizer=optimizer, data=data_spec(datamodule, cfg.data), _convert_="all")
+    input_shape = getattr(datamodule, "input_shape", None)
+    extras = model_extras(cfg.model, {  # only what the model's __init__ takes (the built-in Classifier: all)
+        "input_shape": list(input_shape) if input_shape is not None else None,
+        "num_classes": getattr(datamodule, "num_classes", None),
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True) if cfg.get("optimizer") else None,
+        "data": data_spec(datamodule, cfg.data)})
+    model = instantiate(cfg.model, **extras, _convert_="all")
     trainer_kwargs, plugins = precision_kwargs(cfg.precision)
-    # best.ckpt by val/acc; last.ckpt after every epoch (Lightning's save_last only follows the best's saves)
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
-                           enable_version_counter=False)  # a rerun into the same run dir replaces best.ckpt
+    # best.ckpt by the monitored metric; last.ckpt after every epoch (Lightning's save_last only follows best's saves)
+    monitor, mode = cfg.get("monitor", "val/acc"), cfg.get("monitor_mode", "max")
+    best = BestCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode=mode,
+                          enable_version_counter=False)  # a rerun into the same run dir replaces best.ckpt
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False,
                            save_on_train_epoch_end=True)  # also when validation runs less often than every epoch
     timer = Timer()
@@ -49,23 +90,28 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
                           callbacks=[best, last, timer, *build_callbacks(cfg.get("callbacks"))])
     resume = cfg.get("resume")
     if resume:  # one-line errors for a missing, corrupt, foreign or other-model file, before training
-        check_resumable(read_checkpoint(resume), model, str(resume), plugins, trainer.max_epochs)
+        ckpt = read_checkpoint(resume)
+        check_resumable(ckpt, model, str(resume), plugins, trainer.max_epochs)
+        model = restore_structure(model, ckpt)  # a fake-quant checkpoint's layers, for any model's state dict
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     # before validate/test restore the callbacks' state (paths, elapsed time) from best.ckpt
     best_path, last_path, train_s = best.best_model_path, last.best_model_path, timer.time_elapsed("train")
-    weights = best_path or last_path or None  # no val/acc was logged (no validation): the last weights
-    val = (trainer.validate(model, datamodule=datamodule, ckpt_path=weights, verbose=False) or [{}])[0]
-    test = trainer.test(model, datamodule=datamodule, ckpt_path=weights, verbose=False)[0]
+    best_score = best.best_model_score.item() if best_path and best.best_model_score is not None else None
+    weights = best_path or last_path or None  # the monitor was not logged (or no validation): the last weights
+    val = _merged(trainer.validate(model, datamodule=datamodule, ckpt_path=weights, verbose=False))
+    test = _merged(trainer.test(model, datamodule=datamodule, ckpt_path=weights, verbose=False))
     epochs = max(1, trainer.current_epoch)
     metrics = {
         "precision": precision_name,
-        "model": model.hparams.net,
-        "data": model.hparams.data["name"],
+        "model": model.hparams.net if isinstance(model, Classifier) else class_name(model),
+        "data": data_name(datamodule),
         "seed": cfg.seed,
         "epochs": epochs,
-        "val_acc": val.get("val/acc"), "val_loss": val.get("val/loss"),
-        "test_acc": test["test/acc"], "test_loss": test["test/loss"],
+        "val_acc": val.get("val/acc"), "val_loss": val.get("val/loss"),  # the built-in Classifier's metrics
+        "test_acc": test.get("test/acc"), "test_loss": test.get("test/loss"),
+        "monitor": monitor, "monitor_mode": mode, "best_score": best_score,
+        "val": val, "test": test,  # every metric the model logged in Trainer.validate / Trainer.test
         "wall_time_s": time.perf_counter() - start,
         "time_per_epoch_s": train_s / epochs,
         "best_checkpoint": best_path,
@@ -78,22 +124,39 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     return metrics
 
 
+def _merged(results: list[dict[str, float]] | None) -> dict[str, float]:
+    """One dict of what ``Trainer.validate``/``test`` returned (one dict per dataloader)."""
+    return {k: v for result in results or [] for k, v in result.items()}
+
+
+def _headline(metrics: dict[str, Any]) -> tuple[str, float | None]:
+    """The test metric to report: the test counterpart of the monitor (``val/acc`` -> ``test/acc``,
+    ``valid/mse`` -> ``test/mse``), else the first logged test metric; ("", None) when none was logged."""
+    test = metrics.get("test") or {}
+    key = re.sub(r"^(val|valid|validation)(?=[/_])", "test", str(metrics.get("monitor", "")))
+    key = key if key in test else next(iter(test), "")
+    return key, test.get(key)
+
+
 def check_resumable(ckpt: dict[str, Any], model: L.LightningModule, path: str, plugins: list[Any] | None = None,
                     max_epochs: int | None = None) -> None:
-    """CheckpointError unless ``ckpt`` continues into this run: the same net (else its weights do not fit), the
-    same optimizer (its state), the same fake-quant structure (else the run would silently train another
-    precision and write checkpoints nothing loads), and epochs left to train."""
-    keys = ("net", "net_kwargs", "input_shape", "num_classes")
-    hparams = ckpt["hyper_parameters"]
-    saved = {k: hparams.get(k) for k in keys}
-    built = {k: model.hparams.get(k) for k in keys}
-    if saved != built:  # both plain lists/dicts (Classifier saves plain hyperparameters)
-        raise CheckpointError(f"resume checkpoint {path!r} was trained as {saved}, but this run builds {built}; "
-                              f"resume with the model and data config of that run")
-    was, now = (hparams.get("optimizer") or {}).get("name"), (model.hparams.get("optimizer") or {}).get("name")
-    if was != now:
-        raise CheckpointError(f"resume checkpoint {path!r} was trained with optimizer={was}, this run uses "
-                              f"optimizer={now}; resume with optimizer={was}")
+    """CheckpointError unless ``ckpt`` continues into this run: the same model arguments (else its weights do not
+    fit; for the built-in Classifier its net, shapes and optimizer, for any other model all its saved
+    hyperparameters), the same fake-quant structure (else the run would silently train another precision and
+    write checkpoints nothing loads), and epochs left to train."""
+    hparams, built_hparams = ckpt.get("hyper_parameters") or {}, dict(model.hparams)
+    if hparams and built_hparams:  # both plain lists/dicts (weights_only checkpoints, _convert_="all")
+        classifier = isinstance(model, Classifier)
+        keys = CLASSIFIER_KEYS if classifier else sorted(set(hparams) | set(built_hparams))
+        saved = {k: hparams.get(k) for k in keys}
+        built = {k: built_hparams.get(k) for k in keys}
+        if saved != built:
+            raise CheckpointError(f"resume checkpoint {path!r} was trained as {saved}, but this run builds {built}; "
+                                  f"resume with the model and data config of that run")
+        was, now = (hparams.get("optimizer") or {}).get("name"), (built_hparams.get("optimizer") or {}).get("name")
+        if classifier and was != now:
+            raise CheckpointError(f"resume checkpoint {path!r} was trained with optimizer={was}, this run uses "
+                                  f"optimizer={now}; resume with optimizer={was}")
     qat = {type(p).__name__: p for p in plugins or [] if type(p).__name__ in STRUCTURAL_PLUGINS}
     for name in STRUCTURAL_PLUGINS:
         plugin, trained = qat.get(name), structural_config(ckpt, name)
@@ -114,7 +177,7 @@ def _with(name: str, config: dict[str, Any] | None) -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _app(cfg: DictConfig) -> float:
-    """Entry point of ``lp-train``; returns the test accuracy (useful for sweeps). Bad input: exit 2."""
+    """Entry point of ``lp-train``; returns the monitor's test metric (useful for sweeps). Bad input: exit 2."""
     hydra_cfg = HydraConfig.get()
     try:
         with share_file_handlers("lightning.pytorch", "lightning.fabric"):  # train.log gets Lightning's messages
@@ -128,10 +191,15 @@ def _app(cfg: DictConfig) -> float:
         if rank_zero_only.rank == 0:
             print(f"lp-train: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    val_acc = "n/a" if metrics["val_acc"] is None else f"{metrics['val_acc']:.4f}"
-    print(f"test_acc={metrics['test_acc']:.4f} val_acc={val_acc} "
+    key, value = _headline(metrics)
+    monitored = metrics["best_score"] if metrics["best_score"] is not None else metrics["val"].get(metrics["monitor"])
+    print(f"{key or 'test'}={_number(value)} {metrics['monitor']}={_number(monitored)} "
           f"time_per_epoch={metrics['time_per_epoch_s']:.2f}s -> {hydra_cfg.runtime.output_dir}/metrics.json")
-    return metrics["test_acc"]
+    return value
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -12,7 +12,14 @@ from lightning.pytorch.plugins.precision import Precision
 from omegaconf import OmegaConf
 
 from lp_lightning.callbacks import EpsilonGuard
-from lp_lightning.config import build_callbacks, config_dir, lightning_precision, precision_kwargs, validate
+from lp_lightning.config import (
+    build_callbacks,
+    config_dir,
+    lightning_precision,
+    model_extras,
+    precision_kwargs,
+    validate,
+)
 from tests.conftest import compose_train
 from tests.data.cifar_fixture import write_tiny_cifar
 
@@ -96,3 +103,23 @@ def test_missing_or_mistyped_data_values_name_the_key(overrides: list[str], mess
     with pytest.raises(ValueError, match=message):
         validate(compose_train(overrides))
     validate(compose_train(["trainer.devices=[0]"]))  # Lightning's list form of devices is allowed
+
+
+EXTRAS = {"input_shape": [1, 8, 8], "num_classes": 10, "optimizer": {"name": "sgd"}, "data": {"name": "digits"}}
+
+
+@pytest.mark.parametrize(("model", "want"), [
+    ({"_target_": "lp_lightning.models.Classifier", "net": "mlp"}, EXTRAS),  # the built-in takes them all
+    ({"_target_": "lp_lightning.models.Classifier", "num_classes": 3}, {k: v for k, v in EXTRAS.items()
+                                                                       if k != "num_classes"}),  # set: kept
+    ({"_target_": "tests.user_pkg.models.TinyResNet", "width": 8}, {}),  # a user's model: its own arguments only
+    ({"_target_": "tests.user_pkg.nope.Model"}, {}),  # does not import: instantiate says why
+])
+def test_model_extras_go_only_to_a_model_that_takes_them(model: dict, want: dict) -> None:
+    assert model_extras(OmegaConf.create(model), {**EXTRAS, "unused": None}) == want
+
+
+def test_monitor_mode_must_be_max_or_min() -> None:
+    validate(compose_train(["monitor=valid/mse", "monitor_mode=min"]))
+    with pytest.raises(ValueError, match=r"^monitor_mode='maximum' is not allowed; choose one of \['max', 'min'\]$"):
+        validate(compose_train(["monitor_mode=maximum"]))

@@ -205,6 +205,7 @@ def test_resume_refuses_another_precision_structure_optimizer_or_no_epochs_left(
     ("resume={tmp}/nope.ckpt", "checkpoint '{tmp}/nope.ckpt' does not exist"),
     # a plugin argument: Hydra wraps the plugin's ValueError; the key and the allowed values stay
     ("precision=fp16 precision.loss_scale=-1", "precision: loss_scale=-1 is not supported; allowed: None, 'dynamic'"),
+    ("monitor_mode=maximum", "monitor_mode='maximum' is not allowed; choose one of ['max', 'min']"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, override: str, message: str) -> None:
     overrides = override.format(tmp=tmp_path).split()
