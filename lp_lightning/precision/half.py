@@ -53,7 +53,7 @@ class PureHalfPrecision(HalfPrecision):
 
     precision: str = "16-true"
 
-    def __init__(self, dtype: str | torch.dtype = "float16", loss_scale: str | float | None = None,
+    def __init__(self, dtype: str | torch.dtype = "float16", loss_scale: float | str | None = None,
                  compute: str = "auto", init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:
         self.compute_dtype: torch.dtype = parse_dtype(dtype)
