@@ -220,6 +220,7 @@ def test_docs_command_parses(tmp_path: Path, index: int) -> None:
 def test_loss_scale_from_the_command_line(value: str, scale: float) -> None:
     """A number on the command line is a fixed scale, not the string '1024' (the hint tries float first)."""
     cli = lightning_cli(["--model=tests.user_pkg.models.TinyResNet", "--data=tests.user_pkg.data.DigitsRows",
-                         "--trainer.plugins=lp_lightning.precision.PureHalfPrecision", "--trainer.plugins.dtype=float16",
+                         "--trainer.plugins=lp_lightning.precision.PureHalfPrecision",
+                         "--trainer.plugins.dtype=float16",
                          f"--trainer.plugins.loss_scale={value}", "--trainer.logger=false"], run=False)
     assert cli.trainer.precision_plugin.scaler.scale == scale
