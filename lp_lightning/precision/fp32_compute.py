@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
-COMPUTE_MODES = ("auto", "native", "fp32_accumulate")
+COMPUTE_MODES = ("auto", "native", "native_fp32_attention", "fp32_accumulate")
 
 _SDPA = F.scaled_dot_product_attention
 _PRODUCTS = frozenset({
@@ -42,6 +42,9 @@ _PRODUCTS = frozenset({
     Tensor.mv, Tensor.addmv, Tensor.dot,
     _SDPA,
 })
+# the products each mode runs in fp32 (``native_fp32_attention``: 16-bit kernels except attention, whose
+# fused CPU kernel is ~14x slower in bf16 than in fp32 here: the vit's bf16 step was 3.2x fp32 because of it)
+MODE_OPS: dict[str, frozenset] = {"fp32_accumulate": _PRODUCTS, "native_fp32_attention": frozenset({_SDPA})}
 # convolutions whose fp32 copies are made channels-last (oneDNN's fast layout); the output keeps it
 _CHANNELS_LAST = {F.conv2d: (4, torch.channels_last), F.conv_transpose2d: (4, torch.channels_last),
                   F.conv3d: (5, torch.channels_last_3d), F.conv_transpose3d: (5, torch.channels_last_3d)}
@@ -110,13 +113,14 @@ class Fp32Accumulate(TorchFunctionMode):
     backward of the products it ran is fp32 with 16-bit gradients wherever backward runs.
     """
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, ops: frozenset = _PRODUCTS) -> None:
         super().__init__()
         self.dtype = dtype
+        self.ops = ops  # the products to run in fp32 (default: all of them)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func not in _PRODUCTS or "out" in kwargs:
+        if func not in self.ops or "out" in kwargs:
             return func(*args, **kwargs)
         low = self.dtype
         # the products take their tensors as flat arguments: no pytree walk
@@ -146,6 +150,7 @@ class ForwardScope:
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
+        self.ops: frozenset = _PRODUCTS  # what the mode runs in fp32 (MODE_OPS of the compute mode)
         self.active = False
         self._depth = 0
         self._mode: Fp32Accumulate | None = None
@@ -185,7 +190,7 @@ class ForwardScope:
         if self._depth == 0:
             if not self.active or _redirected(module):
                 return
-            self._mode = Fp32Accumulate(self.dtype)
+            self._mode = Fp32Accumulate(self.dtype, self.ops)
             self._mode.__enter__()
         self._depth += 1
 
@@ -248,12 +253,25 @@ def has_native_matmul(dtype: torch.dtype, device: torch.device | str) -> bool:
     return any(flag in _cpu_flags() for flag in _NATIVE_CPU_FLAGS.get(dtype, ()))
 
 
-def resolve_compute(compute: str, dtype: torch.dtype, device: torch.device | str) -> tuple[str, str]:
-    """``(mode, reason)``: ``auto`` becomes ``native`` with native 16-bit matrix units, else ``fp32_accumulate``."""
+def compute_candidates(compute: str, dtype: torch.dtype, device: torch.device | str) -> tuple[list[str], str]:
+    """``(modes, reason)``: the modes ``compute`` may run, the flags' preference first.
+
+    ``auto`` on a device with native 16-bit matrix units: native, native with fp32 attention, fp32_accumulate
+    (which one is fastest depends on the model: a measurement decides); without such units only
+    fp32_accumulate (native 16-bit products are emulated, ~170x slower for fp16 here). Any other value: itself.
+    """
     if compute != "auto":
-        return compute, "requested"
+        return [compute], "requested"
     device = torch.device(device)
     name = str(dtype).removeprefix("torch.")
     if has_native_matmul(dtype, device):
-        return "native", f"{device.type} has native {name} matrix units"
-    return "fp32_accumulate", f"{device.type} has no native {name} matrix units (flags {_NATIVE_CPU_FLAGS[dtype]})"
+        return (["native", "native_fp32_attention", "fp32_accumulate"],
+                f"{device.type} has native {name} matrix units")
+    return ["fp32_accumulate"], f"{device.type} has no native {name} matrix units (flags {_NATIVE_CPU_FLAGS[dtype]})"
+
+
+def resolve_compute(compute: str, dtype: torch.dtype, device: torch.device | str) -> tuple[str, str]:
+    """``(mode, reason)`` by the device's flags alone: ``auto`` becomes ``native`` with native 16-bit matrix units,
+    else ``fp32_accumulate`` (the tie-breaker of the measured choice, see :class:`ComputeTrial`)."""
+    modes, reason = compute_candidates(compute, dtype, device)
+    return modes[0], reason

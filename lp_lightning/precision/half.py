@@ -17,7 +17,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.optim import LBFGS, Optimizer
 
-from lp_lightning.precision.fp32_compute import COMPUTE_MODES, ForwardScope, Fp32Accumulate, resolve_compute
+from lp_lightning.precision.compute_trial import ComputeTrial
+from lp_lightning.precision.fp32_compute import (
+    COMPUTE_MODES,
+    MODE_OPS,
+    ForwardScope,
+    Fp32Accumulate,
+    compute_candidates,
+)
 from lp_lightning.precision.loss_scale import LossScaler
 
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -46,8 +53,11 @@ class PureHalfPrecision(HalfPrecision):
             gradients are unscaled in place before clipping and the optimizer step; a step with an inf/nan
             gradient is skipped. The scale is logged as ``loss_scale`` and saved in checkpoints.
         compute: ``"native"`` (16-bit kernels), ``"fp32_accumulate"`` (matrix products on operands cast up to
-            fp32, results rounded back to 16 bits; everything stored stays 16-bit) or ``"auto"`` (native on
-            devices with native 16-bit matrix units, else ``fp32_accumulate``; the choice is logged once).
+            fp32, results rounded back to 16 bits; everything stored stays 16-bit), ``"native_fp32_attention"``
+            (native, but attention in fp32: the fused CPU attention kernel is slow in bf16) or ``"auto"``: on
+            devices with native 16-bit matrix units the first training steps time those three modes in turn
+            (real steps) and the fastest is kept (rank 0's choice in DDP); without such units
+            ``fp32_accumulate``. The choice and the times are logged once.
         init_scale, growth_factor, backoff_factor, growth_interval: settings of the dynamic scale.
     """
 
@@ -63,7 +73,8 @@ class PureHalfPrecision(HalfPrecision):
         self.compute = compute
         self.scaler: LossScaler | None = _make_scaler(loss_scale, init_scale, growth_factor, backoff_factor,
                                                       growth_interval)
-        self._compute_mode: str | None = None
+        self._trial: ComputeTrial | None = None
+        self._evaluated = False  # an evaluation step ran since the last training step (not a mode's time)
         self._module: weakref.ref[nn.Module] | None = None
         self._scope = ForwardScope(self.compute_dtype)
         self._backward_scale: float | None = None
@@ -80,21 +91,53 @@ class PureHalfPrecision(HalfPrecision):
 
     @property
     def compute_mode(self) -> str:
-        """The compute mode in use (``auto`` resolved for the module's device on first use, logged once)."""
-        if self._compute_mode is None:
+        """The compute mode in use (during ``auto``'s trial: the mode of the step in progress)."""
+        if self._trial is None:
             module = self._module() if self._module is not None else None
             param = next(module.parameters(), None) if module is not None else None
             device = param.device if param is not None else torch.device("cpu")
-            self._compute_mode, reason = resolve_compute(self.compute, self.compute_dtype, device)
-            rank_zero_info(f"PureHalfPrecision({_dtype_name(self.compute_dtype)}): compute={self._compute_mode!r}"
-                           f" ({reason})")
-        return self._compute_mode
+            modes, reason = compute_candidates(self.compute, self.compute_dtype, device)
+            self._trial = ComputeTrial(modes)
+            name = _dtype_name(self.compute_dtype)
+            if self._trial.decided:
+                rank_zero_info(f"PureHalfPrecision({name}): compute={modes[0]!r} ({reason})")
+            else:
+                rank_zero_info(f"PureHalfPrecision({name}): compute='auto' ({reason}): timing {modes} on the first "
+                               f"{len(self._trial.schedule)} training steps")
+        return self._trial.current
 
     def compute_context(self) -> contextlib.AbstractContextManager:
         """The context that applies the compute mode to everything it runs (used around backward)."""
-        if self.compute_mode == "fp32_accumulate":
-            return Fp32Accumulate(self.compute_dtype)
-        return contextlib.nullcontext()
+        ops = MODE_OPS.get(self.compute_mode)
+        return Fp32Accumulate(self.compute_dtype, ops) if ops is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def train_step_context(self) -> Generator[None, None, None]:
+        """A training step: ``auto``'s trial times the previous step and moves on (see :class:`ComputeTrial`)."""
+        _ = self.compute_mode  # creates the trial
+        assert self._trial is not None
+        if self._trial.step_started(interrupted=self._evaluated):
+            self._trial.agree()
+            rank_zero_info(f"PureHalfPrecision({_dtype_name(self.compute_dtype)}): compute='auto' chose "
+                           f"{self._trial.choice!r} (median step {self._trial.summary()})")
+        self._evaluated = False
+        with self.forward_context():
+            yield
+
+    @contextlib.contextmanager
+    def _eval_step_context(self) -> Generator[None, None, None]:
+        self._evaluated = True
+        with self.forward_context():
+            yield
+
+    def val_step_context(self) -> contextlib.AbstractContextManager:
+        return self._eval_step_context()
+
+    def test_step_context(self) -> contextlib.AbstractContextManager:
+        return self._eval_step_context()
+
+    def predict_step_context(self) -> contextlib.AbstractContextManager:
+        return self._eval_step_context()
 
     @contextlib.contextmanager
     def forward_context(self) -> Generator[None, None, None]:
@@ -110,12 +153,14 @@ class PureHalfPrecision(HalfPrecision):
     @contextlib.contextmanager
     def _forward_scope(self) -> Generator[None, None, None]:
         module = self._module() if self._module is not None else None
-        if self.compute_mode != "fp32_accumulate" or module is None:
+        ops = MODE_OPS.get(self.compute_mode)
+        if ops is None or module is None:
             with self.compute_context():
                 yield
             return
         if not self._scope.attached:
             self._scope.attach(module)
+        self._scope.ops = ops
         active, self._scope.active = self._scope.active, True
         try:
             yield

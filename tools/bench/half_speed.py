@@ -4,8 +4,9 @@
 
 Memory: bytes after one Lightning step in fp32 and in pure fp16/bf16 (same model, same optimizer) and
 their ratio. Speed: min and median step time (forward + backward + optimizer step, by a callback) of
-fp32, Lightning's "16-true"/"bf16-true", PureHalfPrecision compute="native", "fp32_accumulate" and
-"auto", interleaved round by round so that load on the machine hits every variant alike. Ratios (of the
+fp32, Lightning's "16-true"/"bf16-true", PureHalfPrecision compute="native", "native_fp32_attention",
+"fp32_accumulate" and "auto" (timed after its own trial steps; its choice is printed), interleaved round
+by round so that load on the machine hits every variant alike. Ratios (of the
 min by default: on a shared machine the median mostly measures time spent descheduled):
 native / Lightning (target <= 1.05) and auto / fp32 (target <= 1.0 on a CPU).
 """
@@ -28,7 +29,7 @@ from lp_lightning.data import DigitsDataModule
 from lp_lightning.io import write_json
 from lp_lightning.models import Classifier
 from lp_lightning.precision import PureHalfPrecision
-from lp_lightning.precision.fp32_compute import resolve_compute
+from lp_lightning.precision.fp32_compute import compute_candidates
 
 NET_KWARGS = {"mlp": {"hidden": [256, 256]}, "cnn": {"channels": [32, 64], "blocks_per_stage": 1},
               "vit": {"dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2}}
@@ -62,9 +63,20 @@ def variants(dtype: str) -> dict[str, dict[str, Any]]:
     return {
         f"lightning {lightning}": {"precision": lightning},
         f"{tag} native": {"plugins": [PureHalfPrecision(dtype, compute="native")]},
+        f"{tag} native_fp32_attention": {"plugins": [PureHalfPrecision(dtype, compute="native_fp32_attention")]},
         f"{tag} fp32_accumulate": {"plugins": [PureHalfPrecision(dtype, compute="fp32_accumulate")]},
         f"{tag} auto": {"plugins": [PureHalfPrecision(dtype, compute="auto")]},
     }
+
+
+def trial_steps(kwargs: dict[str, Any], device: str) -> int:
+    """Training steps ``compute="auto"`` spends timing its candidates before it decides (0 for other variants)."""
+    from lp_lightning.precision.compute_trial import ComputeTrial
+
+    plugin = next(iter(kwargs.get("plugins", [])), None)
+    if not isinstance(plugin, PureHalfPrecision) or plugin.compute != "auto":
+        return 0
+    return len(ComputeTrial(compute_candidates("auto", plugin.compute_dtype, device)[0]).schedule) + 1
 
 
 def fit_steps(net: str, optimizer: dict[str, Any], steps: int, batch_size: int, accelerator: str,
@@ -104,16 +116,22 @@ def speed(net: str, rounds: int, steps: int, batch_size: int, accelerator: str,
     """Step time of every variant (min and median), interleaved; ratios of ``stat`` for the targets."""
     names = ["fp32", *variants("float16"), *variants("bfloat16")]
     times: dict[str, list[float]] = {n: [] for n in names}
+    chosen: dict[str, list[str]] = {}
     for _ in range(rounds):
         all_variants = {"fp32": {"precision": "32-true"}, **variants("float16"), **variants("bfloat16")}
         for name, kwargs in all_variants.items():
-            timer, _, _ = fit_steps(net, OPTIMIZERS["sgd"], steps, batch_size, accelerator, sync, **kwargs)
-            times[name].extend(timer.times[1:])  # the first step warms up
+            # auto: time only the steps after its own measured decision
+            trial = trial_steps(kwargs, "cuda" if accelerator == "gpu" else "cpu")
+            timer, trainer, _ = fit_steps(net, OPTIMIZERS["sgd"], steps + trial, batch_size, accelerator, sync,
+                                          **kwargs)
+            times[name].extend(timer.times[1 + trial:])  # the first step warms up
+            if trial:
+                chosen.setdefault(name, []).append(trainer.precision_plugin.compute_mode)
     ms_min = {n: min(t) * 1e3 for n, t in times.items()}
     ms_median = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     ms = ms_min if stat == "min" else ms_median
     row: dict[str, Any] = {"model": net, "batch_size": batch_size, "stat": stat, "step_ms": ms,
-                           "step_ms_min": ms_min, "step_ms_median": ms_median}
+                           "step_ms_min": ms_min, "step_ms_median": ms_median, "auto_chose": chosen}
     for tag, lightning in (("fp16", "lightning 16-true"), ("bf16", "lightning bf16-true")):
         row[f"{tag}_native_vs_lightning"] = ms[f"{tag} native"] / ms[lightning]
         row[f"{tag}_auto_vs_fp32"] = ms[f"{tag} auto"] / ms["fp32"]
@@ -175,11 +193,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     sync = torch.cuda.synchronize if accelerator == "gpu" else (lambda: None)
-    auto = {d: resolve_compute("auto", getattr(torch, d), device)[0] for d in ("float16", "bfloat16")}
+    auto = {d: compute_candidates("auto", getattr(torch, d), device)[0] for d in ("float16", "bfloat16")}
     info = {"device": torch.cuda.get_device_name() if accelerator == "gpu" else torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "auto": auto, "torch": torch.__version__}
-    print(f"device={info['device']} threads={info['threads']} auto: fp16 -> {auto['float16']}, "
-          f"bf16 -> {auto['bfloat16']}\n")
+    print(f"device={info['device']} threads={info['threads']} auto measures: fp16 {auto['float16']}, "
+          f"bf16 {auto['bfloat16']}\n")
 
     mem = [memory(net, opt, accelerator, sync) for net in args.models for opt in OPTIMIZERS]
     print("| model | optimizer | fp32 bytes | fp16 bytes | bf16 bytes | fp16/fp32 | bf16/fp32 |")
@@ -203,7 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for r in result["speed"]:
                 print(f"| {r['model']} | " + " | ".join(f"{r[f'step_ms_{stat}'][n]:.1f}" for n in names) + " |")
             print()
-        print(f"Ratios of the {args.stat} step times")
+        for r in result["speed"]:
+            chose = ", ".join(f"{n} -> {sorted(set(c))}" for n, c in r["auto_chose"].items())
+            print(f"{r['model']}: auto chose {chose}")
+        print(f"\nRatios of the {args.stat} step times")
         keys = [k for k in result["speed"][0] if k.endswith(("_vs_lightning", "_vs_fp32"))]
         print("\n| model | " + " | ".join(keys) + " |")
         print("|---|" + "---:|" * len(keys))
