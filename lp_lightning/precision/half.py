@@ -25,7 +25,9 @@ from lp_lightning.precision.fp32_compute import (
     Fp32Accumulate,
     compute_candidates,
 )
+from lp_lightning.precision.fp32_step import Fp32Step
 from lp_lightning.precision.loss_scale import LossScaler
+from lp_lightning.precision.norm_stats import cast_keeping_stats, check_norm_stats, release_stats
 
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
                                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -59,13 +61,21 @@ class PureHalfPrecision(HalfPrecision):
             (real steps) and the fastest is kept (rank 0's choice in DDP); without such units
             ``fp32_accumulate``. The choice and the times are logged once.
         init_scale, growth_factor, backoff_factor, growth_interval: settings of the dynamic scale.
+        update: how a step's result is written into the 16-bit parameters: ``"stochastic"`` (default) or
+            ``"kahan"`` run ``optimizer.step()`` on fp32 copies of the parameters, gradients and state, then round
+            back stochastically or with a 16-bit Kahan compensation buffer, so updates below half an ulp are not
+            lost; ``"nearest"`` steps the 16-bit tensors in place (Lightning's ``bf16-true``). Any
+            ``torch.optim`` optimizer but LBFGS/SparseAdam; see ``fp32_step``.
+        norm_stats: ``"float32"`` (default) keeps the running mean/var of BatchNorm/SyncBatchNorm/InstanceNorm in
+            fp32 (a 16-bit running statistic freezes); ``"16bit"`` casts them like everything else.
     """
 
     precision: str = "16-true"
 
     def __init__(self, dtype: str | torch.dtype = "float16", loss_scale: float | str | None = None,
                  compute: str = "auto", init_scale: float = 2.0**16, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:
+                 backoff_factor: float = 0.5, growth_interval: int = 2000, update: str = "stochastic",
+                 norm_stats: str = "float32") -> None:
         self.compute_dtype: torch.dtype = parse_dtype(dtype)
         super().__init__(_LIGHTNING_NAMES[self.compute_dtype])  # type: ignore[arg-type]
         if compute not in COMPUTE_MODES:
@@ -73,6 +83,8 @@ class PureHalfPrecision(HalfPrecision):
         self.compute = compute
         self.scaler: LossScaler | None = _make_scaler(loss_scale, init_scale, growth_factor, backoff_factor,
                                                       growth_interval)
+        self.norm_stats = check_norm_stats(norm_stats)
+        self.fp32_step = Fp32Step(update, self.compute_dtype)
         self._trial: ComputeTrial | None = None
         self._evaluated = False  # an evaluation step ran since the last training step (not a mode's time)
         self._module: weakref.ref[nn.Module] | None = None
@@ -84,9 +96,13 @@ class PureHalfPrecision(HalfPrecision):
 
     # ------------------------------------------------------------------ module, inputs, compute mode
     def convert_module(self, module: nn.Module) -> nn.Module:
-        """Cast parameters and buffers to the 16-bit dtype (no fp32 copy is kept)."""
+        """Cast parameters and buffers to the 16-bit dtype (no fp32 copy is kept; norm statistics stay fp32
+        unless ``norm_stats="16bit"``)."""
         self._module = weakref.ref(module)
         self._scope.detach()
+        if self.norm_stats == "float32":
+            return cast_keeping_stats(module, self.compute_dtype)
+        release_stats(module, self.compute_dtype)
         return module.to(dtype=self.compute_dtype)
 
     @property
@@ -218,9 +234,9 @@ class PureHalfPrecision(HalfPrecision):
 
     def optimizer_step(self, optimizer: Any, model: pl.LightningModule, closure: Callable[[], Any],  # type: ignore[override]
                        **kwargs: Any) -> Any:
-        if self.scaler is None:
+        if self.scaler is None and self.fp32_step.update == "nearest":
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        if isinstance(optimizer, LBFGS):
+        if self.scaler is not None and isinstance(optimizer, LBFGS):
             raise MisconfigurationException("PureHalfPrecision loss scaling does not support LBFGS.")
         closure_result = closure()
         # automatic optimization may skip backward (training_step returned None): nothing to unscale or step
@@ -233,9 +249,10 @@ class PureHalfPrecision(HalfPrecision):
         found_inf = self._found_inf.pop(id(getattr(optimizer, "_optimizer", optimizer)), found_inf)
         if found_inf:
             self._warn_if_loss_overflowed()
-        result = None if found_inf else optimizer.step(**kwargs)
-        self.scaler.update(found_inf)
-        self._log_scale(model)
+        result = None if found_inf else self.fp32_step.step(optimizer, **kwargs)
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+            self._log_scale(model)
         return result
 
     def clip_gradients(self, optimizer: Optimizer, clip_val: int | float = 0.0,
@@ -267,17 +284,19 @@ class PureHalfPrecision(HalfPrecision):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        """The loss scaler's state (empty without loss scaling, so Lightning stores nothing)."""
-        return {} if self.scaler is None else self.scaler.state_dict()
+        """The loss scaler's and the rounding generators' state (empty if neither, so Lightning stores nothing)."""
+        state = {} if self.scaler is None else self.scaler.state_dict()
+        return {**state, **self.fp32_step.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.scaler is not None and "scale" in state_dict:
             self.scaler.load_state_dict(state_dict)
+        self.fp32_step.load_state_dict(state_dict)
 
     def __repr__(self) -> str:
         scale = None if self.scaler is None else ("dynamic" if self.scaler.dynamic else self.scaler.scale)
         return (f"{type(self).__name__}(dtype={_dtype_name(self.compute_dtype)!r}, loss_scale={scale!r}, "
-                f"compute={self.compute!r})")
+                f"compute={self.compute!r}, update={self.fp32_step.update!r}, norm_stats={self.norm_stats!r})")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
