@@ -3,7 +3,7 @@
 from lp_lightning.batches import BatchKeys
 from lp_lightning.callbacks import EpsilonGuard, NumericsMonitor, ToleranceAudit
 from lp_lightning.data import Cifar10DataModule, DigitsDataModule, SyntheticDataModule
-from lp_lightning.models import Classifier, load_checkpoint, load_classifier
+from lp_lightning.models import Classifier, load_checkpoint, load_classifier, load_weights
 from lp_lightning.precision import FakeQuantPrecision, Float8Precision, PureHalfPrecision
 
 __version__ = "0.1.0"
@@ -23,4 +23,5 @@ __all__ = [
     "__version__",
     "load_checkpoint",
     "load_classifier",
+    "load_weights",
 ]

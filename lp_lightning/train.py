@@ -35,7 +35,7 @@ from lp_lightning.config import (
 )
 from lp_lightning.io import atomic_write, write_json
 from lp_lightning.logs import share_file_handlers
-from lp_lightning.models import CheckpointError, Classifier, read_checkpoint
+from lp_lightning.models import CheckpointError, Classifier, load_weights, read_checkpoint
 from lp_lightning.models.checkpoint import STRUCTURAL_PLUGINS, restore_structure, structural_config
 
 CLASSIFIER_KEYS = ("net", "net_kwargs", "input_shape", "num_classes")  # what its weights' shapes depend on
@@ -67,6 +67,12 @@ class BestCheckpoint(ModelCheckpoint):
 def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") -> dict[str, Any]:
     """Train and test one configuration; write checkpoints, ``config.yaml`` and ``metrics.json``."""
     validate(cfg)
+    init_from = cfg.get("init_from")
+    if init_from:
+        if cfg.get("resume"):
+            raise ValueError("resume= continues a run and init_from= starts a new one from a checkpoint's weights: "
+                             "give one of them")
+        cfg = finetune_config(cfg)
     run_dir = Path(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -77,6 +83,8 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True) if cfg.get("optimizer") else None,
         "data": data_spec(datamodule, cfg.data)})
     model = instantiate(cfg.model, **extras, _convert_="all")
+    if init_from:
+        load_weights(model, init_from)  # weights only: a new optimizer, schedule and epoch count
     trainer_kwargs, plugins = precision_kwargs(cfg.precision)
     # best.ckpt by the monitored metric; last.ckpt after every epoch (Lightning's save_last only follows best's saves)
     monitor, mode = cfg.get("monitor", "val/acc"), cfg.get("monitor_mode", "max")
@@ -136,6 +144,23 @@ def _headline(metrics: dict[str, Any]) -> tuple[str, float | None]:
     key = re.sub(r"^(val|valid|validation)(?=[/_])", "test", str(metrics.get("monitor", "")))
     key = key if key in test else next(iter(test), "")
     return key, test.get(key)
+
+
+def finetune_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` for a run that starts from ``init_from``'s weights: the optimizer group's ``lr`` times
+    ``finetune.lr_scale`` and ``trainer.max_epochs = finetune.max_epochs`` (each unless null)."""
+    cfg = cfg.copy()
+    tune = cfg.get("finetune") or {}
+    scale, epochs = tune.get("lr_scale"), tune.get("max_epochs")
+    for key, value, ok in (("lr_scale", scale, lambda v: v > 0), ("max_epochs", epochs, lambda v: v >= 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)):
+            raise ValueError(f"finetune.{key}={value!r} must be null or a positive number"
+                             + (" (an integer >= 1)" if key == "max_epochs" else ""))
+    if scale is not None and OmegaConf.select(cfg, "optimizer.lr") is not None:
+        cfg.optimizer.lr = float(cfg.optimizer.lr) * float(scale)
+    if epochs is not None:
+        cfg.trainer.max_epochs = int(epochs)
+    return cfg
 
 
 def check_resumable(ckpt: dict[str, Any], model: L.LightningModule, path: str, plugins: list[Any] | None = None,

@@ -5,6 +5,7 @@ from lp_lightning.models.checkpoint import (
     load_checkpoint,
     load_classifier,
     load_module,
+    load_weights,
     read_checkpoint,
 )
 from lp_lightning.models.classifier import Classifier
@@ -18,5 +19,6 @@ __all__ = [
     "load_checkpoint",
     "load_classifier",
     "load_module",
+    "load_weights",
     "read_checkpoint",
 ]

@@ -164,6 +164,22 @@ def load_checkpoint(cls: type[M], path: str | os.PathLike[str]) -> M:
     return model.float().eval()
 
 
+def load_weights(module: M, path: str | os.PathLike[str]) -> M:
+    """Initialize ``module``'s weights from checkpoint ``path`` (weights only: no optimizer, schedule or epoch
+    state; read with ``weights_only=True``), strictly; e.g. a trained fp32 model before QAT fine-tuning.
+
+    A fake-quant checkpoint gives its latent float weights. Weights that do not fit are one CheckpointError
+    naming the file and the cause. Returns ``module``.
+    """
+    ckpt = read_checkpoint(path)
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"init_from checkpoint {str(path)!r} does not fit {class_path(type(module))}: "
+                              f"{one_line(exc, limit=400)}") from exc
+    return module
+
+
 def load_module(path: str | os.PathLike[str], model_class: str | type[L.LightningModule] | None = None
                 ) -> tuple[L.LightningModule, dict[str, Any]]:
     """The module of checkpoint ``path`` (float32, eval mode) and the raw checkpoint.
