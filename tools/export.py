@@ -17,7 +17,8 @@ from lp_lightning.models import CheckpointError
 from lp_lightning.tools.checkpoint_args import model_and_data
 
 FIELDS = ("formats", "thresholds", "threads", "latency_batch_sizes", "warmup", "iters", "calib_batches",
-          "calib_batch_size", "parity_atol", "int4_block_size", "int4_accuracy_level", "reduce_range", "seed")
+          "calib_batch_size", "parity_atol", "int4_block_size", "int4_accuracy_level", "reduce_range", "seed",
+          "edge")
 
 
 def export_config(cfg: DictConfig) -> ExportConfig:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lp_lightning.export.int4 import INT4_BLOCK_SIZES
-from lp_lightning.export.report import FORMATS
+from lp_lightning.export.report import ALL_FORMATS, FORMATS
 
 INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # integer fields and their minimum
@@ -31,10 +31,10 @@ def _is_list(value: Any) -> bool:
 
 
 def _check_formats(formats: Any) -> None:
-    """``formats``: a non-empty list of names from :data:`FORMATS`."""
-    if not _is_list(formats) or not formats or any(f not in FORMATS for f in formats):
+    """``formats``: a non-empty list of names from :data:`ALL_FORMATS`."""
+    if not _is_list(formats) or not formats or any(f not in ALL_FORMATS for f in formats):
         shown = list(formats) if _is_list(formats) else formats
-        raise ValueError(f"formats={shown!r} is invalid; allowed: a non-empty list of {list(FORMATS)}")
+        raise ValueError(f"formats={shown!r} is invalid; allowed: a non-empty list of {list(ALL_FORMATS)}")
 
 
 def _check_thresholds(thresholds: Any) -> None:
@@ -43,8 +43,8 @@ def _check_thresholds(thresholds: Any) -> None:
         raise ValueError(f"thresholds={thresholds!r} must be a mapping format -> minimum agreement in [0, 1], "
                          f"e.g. thresholds.int8=0.98")
     for fmt, value in thresholds.items():
-        if fmt not in FORMATS:
-            raise ValueError(f"thresholds key {fmt!r} is unknown; allowed: {list(FORMATS)}")
+        if fmt not in ALL_FORMATS:
+            raise ValueError(f"thresholds key {fmt!r} is unknown; allowed: {list(ALL_FORMATS)}")
         if not _is_number(value) or not 0.0 <= value <= 1.0:
             raise ValueError(f"thresholds.{fmt}={value!r} must be a number in [0, 1] (minimum top-1 agreement)")
 
@@ -74,6 +74,12 @@ def _check_parity_atol(value: Any) -> None:
         raise ValueError(f"parity_atol={value!r} must be a finite number > 0, e.g. 1e-4")
 
 
+def _check_bool(name: str, value: Any) -> None:
+    """A switch: true or false."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid; allowed: true or false")
+
+
 def _check_reduce_range(value: Any) -> None:
     """``reduce_range``: true, false or null (null: decided by the CPU's VNNI support)."""
     if value is not None and not isinstance(value, bool):
@@ -88,7 +94,7 @@ class ExportConfig:
     """
 
     formats: Sequence[str] = FORMATS
-    thresholds: Mapping[str, float] = field(default_factory=lambda: {"int8": 0.98, "int4": 0.95})
+    thresholds: Mapping[str, float] = field(default_factory=lambda: {"int8": 0.98, "int4": 0.95, "int4_qdq": 0.95})
     threads: int = 1
     latency_batch_sizes: Sequence[int] = (1, 64)
     warmup: int = 10
@@ -100,6 +106,7 @@ class ExportConfig:
     int4_accuracy_level: int = 4
     reduce_range: bool | None = None
     seed: int = 0
+    edge: bool = False  # ORT Mobile checks: NNAPI/CoreML usability, fixed-shape and ORT-format variants
 
     def __post_init__(self) -> None:
         _check_formats(self.formats)
@@ -111,3 +118,4 @@ class ExportConfig:
         _check_choice("int4_block_size", self.int4_block_size, INT4_BLOCK_SIZES)
         _check_choice("int4_accuracy_level", self.int4_accuracy_level, INT4_ACCURACY_LEVELS)
         _check_reduce_range(self.reduce_range)
+        _check_bool("edge", self.edge)

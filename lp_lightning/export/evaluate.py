@@ -45,10 +45,14 @@ def optimized_op_types(path: str | os.PathLike[str], threads: int = 1, config: S
         return op_types(onnx.load(str(opt)))
 
 
-def predict(sess: ort.InferenceSession, x: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Logits of ``x`` (float32) in chunks."""
+def predict(sess: ort.InferenceSession, x: np.ndarray, chunk: int = 256, fixed: bool = False) -> np.ndarray:
+    """Logits of ``x`` (float32) in chunks; ``fixed``: every chunk has exactly ``chunk`` rows (a fixed-shape
+    model), the last one padded with repeated rows whose logits are dropped."""
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + chunk]})[0] for i in range(0, len(x), chunk)])
+    n = len(x)
+    if fixed and n % chunk:
+        x = np.resize(x, (n + chunk - n % chunk, *x.shape[1:]))
+    return np.concatenate([sess.run(None, {name: x[i:i + chunk]})[0] for i in range(0, len(x), chunk)])[:n]
 
 
 def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray | None, ref_logits: np.ndarray,
@@ -60,6 +64,17 @@ def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray |
     ``other_refs`` (e.g. ``{"fake_quant": logits}``) add ``agreement_<name>`` and ``max_abs_logit_diff_<name>``.
     """
     logits = predict(session(path, threads, config=config), np.ascontiguousarray(x, dtype=np.float32))
+    return {
+        **logit_metrics(logits, y, ref_logits, other_refs),
+        "path": str(path),
+        "size_bytes": file_size(path),
+        "op_types": optimized_op_types(path, threads, config),
+    }
+
+
+def logit_metrics(logits: np.ndarray, y: np.ndarray | None, ref_logits: np.ndarray,
+                  other_refs: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Accuracy, top-1 agreement, Lemma-1 audit and max |dlogit| of ``logits`` against ``ref_logits``."""
     logits = logits.astype(np.float32)
     audit = summarize(torch.from_numpy(logits), torch.from_numpy(ref_logits.astype(np.float32)))
     finite = np.isfinite(logits).all(axis=1)  # a row with inf/nan predicts nothing (as the Lemma-1 audit counts it)
@@ -70,16 +85,13 @@ def evaluate_format(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray |
         extra[f"max_abs_logit_diff_{name}"] = _max_abs_diff(logits, other, finite)
     return {
         **extra,
-        "path": str(path),
-        "size_bytes": file_size(path),
         "accuracy": None if y is None else float((pred == y).mean()),
         "agreement": float((pred == ref_logits.argmax(1)).mean()),
         "certified_fraction": float(audit["certified_fraction"]),
         "violations": int(audit["violations"]),
         "max_abs_logit_diff": _max_abs_diff(logits, ref_logits, finite),
         "nonfinite": int((~finite).sum()),
-        "n_samples": len(x),
-        "op_types": optimized_op_types(path, threads, config),
+        "n_samples": len(logits),
     }
 
 

@@ -41,6 +41,13 @@ def remove_unused_initializers(model: onnx.ModelProto) -> int:
     return removed
 
 
+def require_int4_opset(model: onnx.ModelProto) -> None:
+    """Raise the default-domain opset to 21 (int4 and blocked DequantizeLinear), in place."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < 21:
+            opset.version = 21
+
+
 def gemm_to_matmul(model: onnx.ModelProto) -> int:
     """Rewrite Gemm(A, W const, C) with alpha=beta=1, transA=0 to MatMul(A, W') + Add(C), in place.
 
@@ -99,9 +106,7 @@ def conv_weights_to_int4(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     if count:
-        for opset in model.opset_import:
-            if opset.domain in ("", "ai.onnx") and opset.version < 21:
-                opset.version = 21  # int4 DequantizeLinear needs opset 21
+        require_int4_opset(model)
         remove_unused_initializers(model)
     return count
 

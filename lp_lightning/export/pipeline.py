@@ -24,9 +24,11 @@ from lp_lightning.data.rebuild import build_data
 from lp_lightning.data.samples import collect, split_loader
 from lp_lightning.export.config import ExportConfig
 from lp_lightning.export.cpu import cpu_info
+from lp_lightning.export.edge import check_edge, edge_checks
 from lp_lightning.export.evaluate import evaluate_format, latency_inputs, measure_latency
 from lp_lightning.export.graph import save_model
 from lp_lightning.export.int4 import export_int4
+from lp_lightning.export.int4_qdq import export_int4_qdq
 from lp_lightning.export.int8 import export_int8
 from lp_lightning.export.onnx_fp32 import check_parity, to_onnx
 from lp_lightning.export.report import add_ratios, check_thresholds, format_entry
@@ -37,7 +39,8 @@ REPORT_NAME = "export_report.json"
 STAGING_PREFIX = ".lp-export-"
 # onnxruntime keeps DequantizeLinear nodes unfolded to preserve QDQ patterns; the INT4 model has no activation
 # QDQ, so this lets it fold the int4 Conv weights once at load (fp32 Conv speed, the file stays int4).
-SESSION_CONFIGS: dict[str, dict[str, str]] = {"int4": {"session.disable_quant_qdq": "1"}}
+SESSION_CONFIGS: dict[str, dict[str, str]] = {"int4": {"session.disable_quant_qdq": "1"},
+                                              "int4_qdq": {"session.disable_quant_qdq": "1"}}
 
 Log = Callable[[str], None]
 Splits = tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]
@@ -110,7 +113,7 @@ def _plain_model(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any
 
     if not fake_quant_layers(model):
         return model, None
-    plain, qparams = convert(model)
+    plain, qparams = convert(model, activations=False)  # ONNX: float graph + qparams -> QDQ
     return plain.float().eval(), dict(qparams)
 
 
@@ -131,13 +134,19 @@ def _write_models(plain: torch.nn.Module, proto: onnx.ModelProto, calib: list[np
                                     reduce_range=cfg.reduce_range)
         log(f"[lp-export] int8: calibration={quant['int8']['calibration']} "
             f"reduce_range={quant['int8']['reduce_range']}")
-    if "int4" in cfg.formats:
+    if "int4" in cfg.formats or "int4_qdq" in cfg.formats:
         log(f"[lp-export] int4: Gemm->MatMul, MatMulNBits block {cfg.int4_block_size}, Conv int4 per-channel")
-        paths["int4"] = staging / model_name("int4")
-        quant["int4"] = export_int4(proto, paths["int4"], cfg.int4_block_size, cfg.int4_accuracy_level,
-                                    qparams=qparams)
-        log(f"[lp-export] int4: {quant['int4']['matmulnbits_nodes']} MatMulNBits, "
-            f"{quant['int4']['conv_int4_weights']} int4 Conv weights")
+        int4_path = staging / model_name("int4")  # int4_qdq alone: built, rewritten, left in staging
+        int4 = export_int4(proto, int4_path, cfg.int4_block_size, cfg.int4_accuracy_level, qparams=qparams)
+        log(f"[lp-export] int4: {int4['matmulnbits_nodes']} MatMulNBits, {int4['conv_int4_weights']} int4 Conv weights")
+        if "int4" in cfg.formats:
+            paths["int4"], quant["int4"] = int4_path, int4
+        if "int4_qdq" in cfg.formats:
+            paths["int4_qdq"] = staging / model_name("int4_qdq")
+            quant["int4_qdq"] = {**export_int4_qdq(int4_path, paths["int4_qdq"]),
+                                 **{k: int4[k] for k in ("calibration", "block_size", "matmulnbits_nodes")}}
+            log(f"[lp-export] int4_qdq: {quant['int4_qdq']['dq_matmul_nodes']} MatMulNBits -> "
+                f"DequantizeLinear + MatMul (same int4 weights)")
     return paths, quant
 
 
@@ -157,14 +166,18 @@ def _measure(paths: Mapping[str, Path], out: Path, splits: Splits, ref: np.ndarr
     return metrics, lat
 
 
-def _publish(paths: Mapping[str, Path], out: Path, report: Mapping[str, Any]) -> Path:
-    """Move the staged models into ``out``, then write the report (atomically).
+def _publish(paths: Mapping[str, Path], out: Path, report: Mapping[str, Any],
+             extra: Mapping[str, Path] | None = None) -> Path:
+    """Move the staged models (and the ``extra`` files: final name -> staged path) into ``out``, then write the
+    report (atomically).
 
     A stale report is removed first, so a crash while moving never leaves a report naming other files.
     """
     (out / REPORT_NAME).unlink(missing_ok=True)
     for fmt, path in paths.items():
         os.replace(path, out / model_name(fmt))
+    for name, path in (extra or {}).items():
+        os.replace(path, out / name)
     return write_json(out / REPORT_NAME, report)
 
 
@@ -215,8 +228,13 @@ def export_module(module: L.LightningModule, datamodule: L.LightningDataModule, 
             "thresholds": dict(cfg.thresholds),
         }
         report["failures"] = check_thresholds(formats, cfg.thresholds)
+        edge_files: dict[str, Path] = {}
+        if cfg.edge:
+            report["edge"], edge_files = edge_checks(paths, staging, out, x_test, y_test, ref, others,
+                                                     cfg.latency_batch_sizes, cfg.threads, SESSION_CONFIGS, log)
+            report["failures"] += check_edge(report["edge"], cfg.thresholds, cfg.parity_atol)
         report["passed"] = not report["failures"]
-        _publish(paths, out, report)
+        _publish(paths, out, report, edge_files)
     log(f"[lp-export] report: {out / REPORT_NAME}")
     return report
 

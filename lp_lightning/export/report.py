@@ -14,7 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-FORMATS = ("fp32", "int8", "int4")
+FORMATS = ("fp32", "int8", "int4")  # the default formats
+# formats exported only when asked: int4_qdq is int4 with MatMulNBits as DequantizeLinear -> MatMul (mobile providers)
+EXTRA_FORMATS = ("int4_qdq",)
+ALL_FORMATS = FORMATS + EXTRA_FORMATS
 
 
 def format_entry(metrics: Mapping[str, Any], latency: Mapping[int, Mapping[str, float]], batch_sizes: Sequence[int],
