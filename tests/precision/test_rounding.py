@@ -1,0 +1,161 @@
+"""Compensated 16-bit updates: stochastic rounding, Kahan compensation, the fp32 step under PureHalfPrecision."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lp_lightning.precision import PureHalfPrecision
+from lp_lightning.precision.fp32_step import KAHAN_KEY, Fp32Step
+from lp_lightning.precision.rounding import kahan_round, stochastic_round
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()))
+def test_stochastic_round_is_unbiased(dtype):
+    lo = torch.tensor(1.0, dtype=dtype)
+    hi = torch.nextafter(lo, torch.tensor(2.0, dtype=dtype))
+    value = lo.float() + 0.3 * (hi.float() - lo.float())
+    gen = torch.Generator().manual_seed(0)
+    out = stochastic_round(value.expand(100_000), dtype, gen)
+    assert set(out.float().unique().tolist()) == {lo.item(), hi.item()}
+    assert abs(out.float().mean() - value) < 0.01 * (hi.float() - lo.float())
+    exact = torch.tensor([0.0, -1.5, 3.0, 2.0**-20, float("inf"), -float("inf")])
+    torch.testing.assert_close(stochastic_round(exact, dtype, gen).float(), exact, rtol=0, atol=0)
+    assert stochastic_round(torch.tensor([float("nan")]), dtype, gen).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()))
+def test_tiny_updates_survive(dtype):
+    """1000 updates of 1e-4 to a weight of 1.0: round-to-nearest never moves it, both compensations do."""
+    gen = torch.Generator().manual_seed(0)
+    near, stoch, kahan = (torch.ones(64, dtype=dtype) for _ in range(3))
+    comp = torch.zeros(64, dtype=dtype)
+    for _ in range(1000):
+        near = (near.float() + 1e-4).to(dtype)
+        stoch = stochastic_round(stoch.float() + 1e-4, dtype, gen)
+        kahan, comp = kahan_round(kahan.float() + comp.float() + 1e-4, dtype)
+    assert torch.equal(near, torch.ones_like(near))
+    assert abs(stoch.float().mean() - 1.1) < 0.01
+    # the 16-bit compensation itself rounds (bf16: 8 bits of a value below half an ulp): ~1.097 for bf16
+    torch.testing.assert_close(kahan.float() + comp.float(), torch.full((64,), 1.1), atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("update", ["stochastic", "kahan"])
+def test_fp32_step_keeps_storages_and_16bit_state(update):
+    p = nn.Parameter(torch.ones(1024, dtype=torch.bfloat16))
+    opt = torch.optim.Adam([p], lr=1e-4)
+    storage, step = p.data.data_ptr(), Fp32Step(update, torch.bfloat16)
+    for _ in range(100):
+        p.grad = torch.ones_like(p)
+        step.step(opt)
+    assert p.data.data_ptr() == storage and p.dtype == p.grad.dtype == torch.bfloat16
+    state = opt.state[p]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    assert state["step"].dtype == torch.float32  # Adam's counter untouched
+    assert (KAHAN_KEY in state) == (update == "kahan")
+    total = p.float() + (state[KAHAN_KEY].float() if update == "kahan" else 0)
+    assert abs(float(total.mean()) - (1 - 100 * 1e-4)) < 1e-3  # nearest would stay at 1.0
+
+
+class Tiny(L.LightningModule):
+    """Linear regression on fixed data: the fp32 run is the reference the 16-bit runs are measured against."""
+
+    def __init__(self, optimizer: str = "sgd") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.optimizer = optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x).float(), y)
+
+    def configure_optimizers(self):
+        return OPTIMIZERS[self.optimizer](self.parameters())
+
+
+def loader() -> DataLoader:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 16, generator=gen)
+    return DataLoader(TensorDataset(x, x[:, :1] * 2 + 0.5), batch_size=32)  # no shuffle: resumable bit for bit
+
+
+def fit(root, optimizer: str, plugin: PureHalfPrecision | None, epochs: int = 20, ckpt: str | None = None,
+        model: Tiny | None = None) -> tuple[Tiny, L.Trainer]:
+    model = model or Tiny(optimizer)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=str(root), logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        plugins=[plugin] if plugin else [])
+    trainer.fit(model, train_dataloaders=loader(), ckpt_path=ckpt)
+    return model, trainer
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_compensated_updates_track_fp32(tmp_path, optimizer):
+    ref = flat(fit(tmp_path, optimizer, None)[0])
+    err, nbytes = {}, {}
+    for update in ("nearest", "stochastic", "kahan"):
+        model, trainer = fit(tmp_path, optimizer, PureHalfPrecision("bfloat16", compute="native", update=update))
+        err[update] = float((flat(model) - ref).norm() / ref.norm())
+        state = [t for s in trainer.optimizers[0].state.values() for t in s.values() if t.dim() > 0]
+        assert {p.dtype for p in model.parameters()} | {t.dtype for t in state} == {torch.bfloat16}
+        nbytes[update] = sum(p.nbytes + p.grad.nbytes for p in model.parameters()) + sum(t.nbytes for t in state)
+    assert err["stochastic"] < err["nearest"] and err["kahan"] < err["nearest"], err
+    params = sum(p.numel() for p in model.parameters())
+    fp32 = 4 * params * (2 + {"sgd": 1, "adam": 2, "adamw": 2}[optimizer])  # params + grads + state
+    assert nbytes["stochastic"] == nbytes["nearest"] == fp32 // 2
+    assert nbytes["kahan"] == fp32 // 2 + 2 * params <= 0.75 * fp32
+
+
+@pytest.mark.parametrize("update", ["stochastic", "kahan"])
+def test_resume_equals_uninterrupted_run(tmp_path, update):
+    def plugin() -> PureHalfPrecision:
+        return PureHalfPrecision("bfloat16", compute="native", update=update)
+
+    full = flat(fit(tmp_path / "a", "adamw", plugin(), epochs=4)[0])
+    _, trainer = fit(tmp_path / "b", "adamw", plugin(), epochs=2)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    state = torch.load(tmp_path / "half.ckpt", weights_only=False)
+    assert "rounding_generators" in state["PureHalfPrecision"]
+    torch.manual_seed(123)  # the user's RNG does not feed the rounding stream
+    resumed = flat(fit(tmp_path / "c", "adamw", plugin(), epochs=4, ckpt=str(tmp_path / "half.ckpt"))[0])
+    assert torch.equal(resumed, full)
+
+
+class Custom(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def test_unsupported_optimizers_are_named():
+    step = Fp32Step("stochastic", torch.bfloat16)
+    p = nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError, match=r"does not support LBFGS: .*update='nearest'"):
+        step.step(torch.optim.LBFGS([p]))
+    with pytest.raises(TypeError, match=r"steps a torch.optim.Optimizer; got object"):
+        step.step(object())
+    with pytest.warns(UserWarning, match=r"runs Custom.step on fp32 copies"):
+        step.step(Custom([p]))
+    assert p.dtype == torch.bfloat16 and float(p[0]) == pytest.approx(0.9, abs=4e-3)
+    with pytest.raises(ValueError, match=r"update='round' is not supported; allowed: \['nearest', 'stochastic', "):
+        PureHalfPrecision("bfloat16", update="round")
