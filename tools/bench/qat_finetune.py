@@ -1,0 +1,89 @@
+"""QAT fine-tuning vs QAT from scratch: test accuracy over seeds (mean and worst), one run at a time.
+
+    python -m lp_lightning.tools.bench.qat_finetune --models cnn --seeds 0 1 2 --threads 1 --out finetune.json
+
+Per model and seed, through ``lp_lightning.train.run`` (the composed ``lp-train`` config, SGD momentum 0.9):
+fp32 for the model's default epochs; int8 and int4w QAT from scratch for the same epochs; int8 and int4w QAT
+fine-tuned from that fp32 run's best.ckpt (``init_from=``, ``finetune`` defaults: 0.1x the lr, 4 epochs).
+Prints a markdown table of test accuracy (mean, worst seed) and the difference to fp32 in points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from lp_lightning.io import write_json
+from lp_lightning.tools.bench.threads import torch_threads
+
+ROWS = ("fp32", "int8 scratch", "int8 finetune", "int4w scratch", "int4w finetune")
+
+
+def _run(root: Path, overrides: list[str], precision: str) -> float:
+    """Test accuracy of one lp-train run (read back when ``root/metrics.json`` exists)."""
+    metrics = root / "metrics.json"
+    if not metrics.exists():
+        from lp_lightning.config import compose_config
+        from lp_lightning.train import run
+
+        run(compose_config("train", [*overrides, "trainer.enable_progress_bar=false"]), root, precision)
+    return float(json.loads(metrics.read_text())["test_acc"])
+
+
+def sweep(model: str, seeds: list[int], root: Path, epochs: int | None) -> dict[str, list[float]]:
+    """Accuracy per row and seed for one model."""
+    acc: dict[str, list[float]] = {r: [] for r in ROWS}
+    ep = [f"trainer.max_epochs={epochs}"] if epochs else []
+    for seed in seeds:
+        base = [f"model={model}", "optimizer=sgd", f"seed={seed}", *ep]
+        fp32_dir = root / model / "fp32" / f"seed{seed}"
+        acc["fp32"].append(_run(fp32_dir, [*base, "precision=fp32"], "fp32"))
+        best = fp32_dir / "checkpoints" / "best.ckpt"
+        for precision in ("int8", "int4w"):
+            acc[f"{precision} scratch"].append(_run(root / model / precision / f"seed{seed}",
+                                                    [*base, f"precision={precision}"], precision))
+            acc[f"{precision} finetune"].append(_run(root / model / f"{precision}_finetune" / f"seed{seed}",
+                                                     [*base, f"precision={precision}", f"init_from={best}"],
+                                                     precision))
+    return acc
+
+
+def table(results: dict[str, dict[str, list[float]]]) -> str:
+    lines = ["| model | " + " | ".join(ROWS) + " |", "|---|" + "---:|" * len(ROWS)]
+    for model, acc in results.items():
+        ref = statistics.mean(acc["fp32"])
+        cells = []
+        for row in ROWS:
+            mean, worst = statistics.mean(acc[row]), min(acc[row])
+            diff = "" if row == "fp32" else f" ({100 * (mean - ref):+.1f})"
+            cells.append(f"{100 * mean:.1f}{diff}, worst {100 * worst:.1f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["cnn"], choices=["mlp", "cnn", "vit"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="fp32 and from-scratch epochs (default: lp-train's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (accuracy moves with it)")
+    parser.add_argument("--root", type=Path, default=Path("outputs/qat_finetune"), help="run folders (reused)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    with torch_threads(args.threads):
+        results = {m: sweep(m, args.seeds, args.root, args.epochs) for m in args.models}
+    print(f"Test accuracy %, mean over seeds {args.seeds} (difference to fp32 in points), worst seed; "
+          f"{args.threads} thread(s)\n")
+    print(table(results))
+    if args.out:
+        write_json(args.out, {"seeds": args.seeds, "threads": args.threads, "accuracy": results})
+    return results
+
+
+if __name__ == "__main__":
+    main()
