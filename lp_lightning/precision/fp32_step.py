@@ -1,10 +1,10 @@
 """The optimizer step of pure 16-bit training run in fp32 and written back with compensated rounding.
 
 Works with any ``torch.optim.Optimizer`` that keeps its per-parameter tensors in ``optimizer.state[p]``:
-for the step, each 16-bit parameter temporarily gets an fp32 ``.data`` (plus its Kahan compensation), an
-fp32 ``.grad`` and fp32 copies of its 16-bit state; the step runs in fp32; then the results are written back
-into the original 16-bit storages (``copy_``: storage identity, DDP bucket views and optimizer references stay
-valid) with
+for the step, each 16-bit parameter is replaced in its param group by an fp32 stand-in (its value plus its
+Kahan compensation) with an fp32 gradient and fp32 copies of its 16-bit state; the step runs in fp32; then
+the results are written back into the original 16-bit parameters and state tensors (``copy_``: storage
+identity, DDP's hooks and bucket views and references to the state stay valid) with
 
 - ``"stochastic"``: parameters and state rounded stochastically (unbiased);
 - ``"kahan"``: parameters rounded to nearest, the dropped part kept in a 16-bit compensation buffer
@@ -17,11 +17,12 @@ every DDP rank (so the parameters stay equal) and saved with the plugin's state.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer, SparseAdam
 
 from lp_lightning.precision.rounding import kahan_round, stochastic_round
@@ -54,63 +55,89 @@ class Fp32Step:
         if self.update == "nearest":
             return optimizer.step(**kwargs)
         opt = check_optimizer(getattr(optimizer, "_optimizer", optimizer), self.update)
-        swapped = [self._to_fp32(opt, p) for group in opt.param_groups for p in group["params"]
-                   if p.grad is not None and p.dtype == self.dtype and not p.grad.is_sparse]
+        swaps = [self._stand_in(opt, group, i) for group in opt.param_groups for i, p in enumerate(group["params"])
+                 if p.grad is not None and p.dtype == self.dtype and not p.grad.is_sparse]
         try:
             result = optimizer.step(**kwargs)
         except BaseException:
-            for p, data, grad, saved in swapped:
-                _restore(opt, p, data, grad, saved)
+            for swap in swaps:
+                swap.undo(opt)
             raise
-        for p, data, grad, saved in swapped:
-            self._write_back(opt, p, data, grad, saved)
+        jobs: list[tuple[Tensor, Tensor]] = []  # (16-bit destination, fp32 value) to round stochastically
+        for swap in swaps:
+            jobs += self._write_back(opt, swap)
+        with torch.no_grad():
+            self._round_into(jobs)
         return result
 
-    def _to_fp32(self, opt: Optimizer, p: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        data, grad = p.data, p.grad
-        full = data.float()
-        state = opt.state.get(p, {})
-        comp = state.get(KAHAN_KEY)
+    def _stand_in(self, opt: Optimizer, group: dict[str, Any], index: int) -> _Swap:
+        """Put an fp32 leaf with an fp32 gradient and fp32 state in place of ``group["params"][index]``."""
+        p = group["params"][index]
+        state = opt.state.pop(p, None) if p in opt.state else None
+        full = p.detach().float()
+        comp = state.get(KAHAN_KEY) if state else None
         if comp is not None and self.update == "kahan":
             full.add_(comp.float())
-        saved = {}
-        for key, value in list(state.items()):
-            if _per_param(key, value, p) and value.dtype == self.dtype:
-                saved[key] = value
-                state[key] = value.float()
-        p.data = full
-        p.grad = grad.float()
-        return p, data, grad, saved
+        q = nn.Parameter(full, requires_grad=p.requires_grad)
+        q.grad = p.grad.detach().float()
+        if state:
+            opt.state[q] = {k: v.float() if _per_param(k, v, p) and v.dtype == self.dtype else v
+                            for k, v in state.items() if k != KAHAN_KEY}
+        group["params"][index] = q
+        return _Swap(group, index, p, q, state)
 
-    def _write_back(self, opt: Optimizer, p: Tensor, data: Tensor, grad: Tensor, saved: dict[str, Tensor]) -> None:
-        full = p.data
-        if full.dtype != torch.float32 or full.shape != data.shape:
-            _restore(opt, p, data, grad, saved)
+    def _write_back(self, opt: Optimizer, swap: _Swap) -> list[tuple[Tensor, Tensor]]:
+        """Put the parameter and its state back (16-bit); return what is still to be rounded into them."""
+        p, q = swap.param, swap.stand_in
+        new = opt.state.pop(q, {})
+        swap.undo(opt)
+        if q.dtype != torch.float32 or q.shape != p.shape:
             raise TypeError(f"{type(opt).__name__}.step replaced the parameter's .data; PureHalfPrecision(update="
                             f"{self.update!r}) needs an optimizer that updates it in place. Pass update='nearest' "
                             "or use a torch.optim optimizer")
-        gen = self.generator(full.device)
+        old = swap.state or {}
+        state: dict[str, Any] = {}
+        jobs = []
         if self.update == "kahan":
-            low, comp = kahan_round(full, self.dtype)
-            data.copy_(low)
-            state = opt.state[p]
-            if isinstance(state.get(KAHAN_KEY), Tensor) and state[KAHAN_KEY].shape == data.shape:
-                state[KAHAN_KEY].copy_(comp)
-            else:
-                state[KAHAN_KEY] = comp
+            with torch.no_grad():
+                low, comp = kahan_round(q.detach(), self.dtype)
+                p.copy_(low)
+            kept = old.get(KAHAN_KEY)
+            state[KAHAN_KEY] = kept.copy_(comp) if isinstance(kept, Tensor) and kept.shape == p.shape else comp
         else:
-            data.copy_(stochastic_round(full, self.dtype, gen))
-        p.data = data
-        p.grad = grad
-        state = opt.state[p]
-        for key, value in list(state.items()):
+            jobs.append((p.detach(), q.detach()))
+        for key, value in new.items():
             if not _per_param(key, value, p) or value.dtype != torch.float32:
+                state[key] = value
                 continue
-            if key in saved:
-                saved[key].copy_(stochastic_round(value, self.dtype, gen))
-                state[key] = saved[key]
-            else:  # created by this step (the first one): 16-bit from now on
-                state[key] = stochastic_round(value, self.dtype, gen)
+            kept = old.get(key)  # the original 16-bit storage: references to it stay valid
+            usable = isinstance(kept, Tensor) and kept.dtype == self.dtype and kept.shape == p.shape
+            state[key] = kept if usable else torch.empty_like(value, dtype=self.dtype)
+            jobs.append((state[key], value))
+        if state:
+            opt.state[p] = state
+        return jobs
+
+    def _round_into(self, jobs: list[tuple[Tensor, Tensor]], chunk: int = 1 << 20) -> None:
+        """Round each fp32 value stochastically into its 16-bit destination: many small tensors in one call
+        (per device, ~``chunk`` elements at a time), since per-tensor overhead dominates small layers."""
+        by_device: dict[torch.device, list[tuple[Tensor, Tensor]]] = {}
+        for dst, value in jobs:
+            by_device.setdefault(value.device, []).append((dst, value))
+        for device, items in by_device.items():
+            gen = self.generator(device)
+            start = 0
+            while start < len(items):
+                stop, size = start, 0
+                while stop < len(items) and (stop == start or size + items[stop][1].numel() <= chunk):
+                    size += items[stop][1].numel()
+                    stop += 1
+                batch = items[start:stop]
+                flat = torch.cat([value.reshape(-1) for _, value in batch])
+                rounded = stochastic_round(flat, self.dtype, gen).split([value.numel() for _, value in batch])
+                dsts = [dst for dst, _ in batch]
+                torch._foreach_copy_(dsts, [r.view(d.shape) for d, r in zip(dsts, rounded, strict=True)])
+                start = stop
 
     # ------------------------------------------------------------------ the random stream
     def generator(self, device: torch.device) -> torch.Generator:
@@ -169,11 +196,22 @@ def _per_param(key: str, value: Any, p: Tensor) -> bool:
         and value.shape == p.shape
 
 
-def _restore(opt: Optimizer, p: Tensor, data: Tensor, grad: Tensor, saved: dict[str, Tensor]) -> None:
-    p.data = data
-    p.grad = grad
-    if p in opt.state:
-        opt.state[p].update(saved)
+@dataclass
+class _Swap:
+    """A parameter and its fp32 stand-in during the step (the parameter itself is never re-bound: changing a
+    tensor's dtype through ``.data`` would drop its gradient accumulator, and DDP's hooks with it)."""
+
+    group: dict[str, Any]
+    index: int
+    param: Tensor
+    stand_in: Tensor
+    state: dict[str, Any] | None
+
+    def undo(self, opt: Optimizer) -> None:
+        self.group["params"][self.index] = self.param
+        opt.state.pop(self.stand_in, None)
+        if self.state is not None:
+            opt.state[self.param] = self.state
 
 
 def _shared_seed() -> int:

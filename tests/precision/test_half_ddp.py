@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.ddp import run_ddp_script
 
 DDP_BODY = """
@@ -46,3 +48,38 @@ def test_ddp_fp16_dynamic_scale(tmp_path):
         assert float(scale) == float(top) < 2.0**24  # one scale on every rank, backed off from the overflow
         assert int(skipped) >= 1
         assert float(acc) > 0.5
+
+
+BN_BODY = """
+import torch.distributed as dist
+from lp_lightning.precision import PureHalfPrecision
+
+def main(update):
+    L.seed_everything(0)
+    torch.manual_seed(int(__import__("os").environ.get("LOCAL_RANK", "0")) + 100)  # ranks' own RNGs differ
+    plugin = PureHalfPrecision("bfloat16", compute="native", update=update)
+    model = Classifier(net="cnn", input_shape=[1, 8, 8], num_classes=10)
+    trainer = ddp_trainer(".", plugins=[plugin], max_epochs=1, limit_train_batches=6, limit_val_batches=0)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    stats = [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    assert stats and {b.dtype for b in stats} == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    spread = flat.clone()
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    print(f"RANK {trainer.global_rank} same={bool(torch.equal(spread, flat))}", flush=True)
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1] if len(sys.argv) > 1 else "stochastic")
+"""
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: two Lightning processes
+def test_ddp_bf16_stochastic_updates_keep_ranks_equal(tmp_path):
+    """Each rank draws the rounding noise from its own generator, seeded from rank 0: the weights stay equal
+    (the user's RNG differs per rank here), and BatchNorm's running statistics stay fp32 under DDP."""
+    proc = run_ddp_script(BN_BODY, tmp_path)
+    lines = re.findall(r"RANK (\d) same=(\w+)", proc.stdout)
+    assert sorted(rank for rank, _ in lines) == ["0", "1"], proc.stdout
+    assert all(same == "True" for _, same in lines), proc.stdout

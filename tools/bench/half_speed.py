@@ -2,8 +2,10 @@
 
     python -m lp_lightning.tools.bench.half_speed --models mlp cnn --rounds 5 --threads 1 --out half_speed.json
 
-Memory: bytes after one Lightning step in fp32 and in pure fp16/bf16 (same model, same optimizer) and
-their ratio. Speed: min and median step time (forward + backward + optimizer step, by a callback) of
+Memory: bytes after one Lightning step in fp32 and in pure fp16/bf16 (same model, same optimizer; the default
+stochastic-rounding update, and bf16 with update="kahan"/"nearest") and their ratio, plus the extra bytes of
+fp32 norm running statistics and the fp32 stand-ins alive only inside the optimizer step.
+Speed: min and median step time (forward + backward + optimizer step, by a callback) of
 fp32, Lightning's "16-true"/"bf16-true", PureHalfPrecision compute="native", "native_fp32_attention",
 "fp32_accumulate" and "auto" (timed after its own trial steps; its choice is printed), interleaved round
 by round so that load on the machine hits every variant alike. Ratios (of the
@@ -30,6 +32,7 @@ from lp_lightning.io import write_json
 from lp_lightning.models import Classifier
 from lp_lightning.precision import PureHalfPrecision
 from lp_lightning.precision.fp32_compute import compute_candidates
+from lp_lightning.precision.norm_stats import stats_bytes
 
 NET_KWARGS = {"mlp": {"hidden": [256, 256]}, "cnn": {"channels": [32, 64], "blocks_per_stage": 1},
               "vit": {"dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2}}
@@ -95,10 +98,15 @@ def fit_steps(net: str, optimizer: dict[str, Any], steps: int, batch_size: int, 
 
 
 def memory(net: str, opt_name: str, accelerator: str, sync: Callable[[], None]) -> dict[str, Any]:
-    """Bytes of parameters, gradients and optimizer state after one step: fp32 vs pure fp16/bf16."""
+    """Bytes of parameters, gradients and optimizer state after one step: fp32 vs pure fp16/bf16 with the default
+    stochastic-rounding update, with ``update="kahan"`` (a 16-bit compensation buffer per parameter, in the
+    optimizer state) and with ``update="nearest"``; and the extra bytes of fp32 norm running statistics."""
     row: dict[str, Any] = {"model": net, "optimizer": opt_name}
-    for name, kwargs in {"fp32": {}, "fp16": {"plugins": [PureHalfPrecision("float16")]},
-                         "bf16": {"plugins": [PureHalfPrecision("bfloat16")]}}.items():
+    variants = {"fp32": {}, "fp16": {"plugins": [PureHalfPrecision("float16")]},
+                "bf16": {"plugins": [PureHalfPrecision("bfloat16")]},
+                "bf16_kahan": {"plugins": [PureHalfPrecision("bfloat16", update="kahan")]},
+                "bf16_nearest": {"plugins": [PureHalfPrecision("bfloat16", update="nearest")]}}
+    for name, kwargs in variants.items():
         timer, trainer, model = fit_steps(net, OPTIMIZERS[opt_name], 1, 64, accelerator, sync, **kwargs)
         state = [t for s in trainer.optimizers[0].state.values() for t in s.values() if torch.is_tensor(t)]
         scalars = sum(t.nbytes for t in state if t.dim() == 0)  # Adam's step counters stay fp32 by design
@@ -106,7 +114,11 @@ def memory(net: str, opt_name: str, accelerator: str, sync: Callable[[], None]) 
                  + sum(t.nbytes for t in state if t.dim() > 0))
         row[f"{name}_bytes"] = total
         row[f"{name}_step_counter_bytes"] = scalars
-    for name in ("fp16", "bf16"):
+        if name == "bf16":  # fp32 running mean/var instead of 16-bit ones (buffers, not in the total above)
+            row["norm_stats_extra_bytes"] = stats_bytes(model) // 2
+            # inside the step only: the fp32 stand-ins of the stepped params, their grads and their state
+            row["step_transient_bytes"] = 2 * total
+    for name in variants:
         row[f"{name}_ratio"] = row[f"{name}_bytes"] / row["fp32_bytes"]
     return row
 
@@ -200,14 +212,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"bf16 {auto['bfloat16']}\n")
 
     mem = [memory(net, opt, accelerator, sync) for net in args.models for opt in OPTIMIZERS]
-    print("| model | optimizer | fp32 bytes | fp16 bytes | bf16 bytes | fp16/fp32 | bf16/fp32 |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | optimizer | fp32 bytes | fp16 bytes | bf16 bytes | fp16/fp32 | bf16/fp32 | bf16 kahan/fp32 "
+          "| bf16 nearest/fp32 | fp32 norm stats, extra bytes | step transient bytes |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in mem:
         print(f"| {r['model']} | {r['optimizer']} | {r['fp32_bytes']:,} | {r['fp16_bytes']:,} | {r['bf16_bytes']:,} "
-              f"| {r['fp16_ratio']:.4f} | {r['bf16_ratio']:.4f} |")
+              f"| {r['fp16_ratio']:.4f} | {r['bf16_ratio']:.4f} | {r['bf16_kahan_ratio']:.4f} "
+              f"| {r['bf16_nearest_ratio']:.4f} | {r['norm_stats_extra_bytes']:,} | {r['step_transient_bytes']:,} |")
     counters = ", ".join(f"{r['model']} {r['fp16_step_counter_bytes']} B" for r in mem if r["fp16_step_counter_bytes"])
     print("(params + grads + optimizer state; Adam's step counters, 4-byte fp32 scalars in every precision, are "
-          f"left out: {counters or 'none'})\n")
+          f"left out: {counters or 'none'}. fp16/bf16: the default update='stochastic'; kahan adds a 16-bit "
+          "compensation buffer per parameter. Norm stats: BatchNorm's fp32 running mean/var over 16-bit ones. "
+          "Step transient: the fp32 stand-ins (params, grads, state) alive only inside optimizer.step)\n")
     result: dict[str, Any] = {"info": info, "memory": mem, "speed": []}
     if not args.skip_speed:
         for net in args.models:
