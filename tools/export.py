@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from lp_lightning.cli import bad_config_exits_2, one_line
 from lp_lightning.config import config_dir
 from lp_lightning.export import ExportConfig, ExportError, run_export
+from lp_lightning.export.mobile import summary_line
 from lp_lightning.export.report import table
 from lp_lightning.models import CheckpointError
 from lp_lightning.tools.checkpoint_args import model_and_data
@@ -60,6 +61,8 @@ def _app(cfg: DictConfig) -> None:
         print(f"lp-export: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     print(table(report))
+    for fmt, entry in report.get("edge", {}).items():  # edge=true: one line per format (docs/edge.md)
+        print(summary_line(fmt, entry).removeprefix("[lp-export] "))
     cpu = report["cpu"]
     print(f"cpu: {cpu['model_name']} vnni={cpu['vnni']} threads={cpu['threads']} onnxruntime={cpu['onnxruntime']}")
     for failure in report["failures"]:

@@ -140,3 +140,14 @@ def test_checkpoint_round_trip_copy_and_pickle():
 def test_bad_norm_stats():
     with pytest.raises(ValueError, match=r"norm_stats='fp64' is not supported; allowed: \['float32', '16bit'\]"):
         PureHalfPrecision("bfloat16", norm_stats="fp64")
+
+
+def test_audit_precision_path_on_a_batchnorm_model():
+    """lp-audit's precision path: convert_module(deepcopy(module)), forwards under forward_context."""
+    from lp_lightning.audit_models import audit_modules
+
+    net = run_stats("bn2d", None).eval()  # trained statistics, fp32
+    data = [(x, torch.zeros(len(x), dtype=torch.long)) for x in batches((32, 4, 3, 3), 2)]
+    report, _ = audit_modules(net, data, precision=PureHalfPrecision("bfloat16"))
+    assert report["n_samples"] == 64 and report["nonfinite"] == 0 and report["agreement"] > 0.9
+    assert net.norm.running_var.dtype == torch.float32 and not net.norm._forward_pre_hooks  # original untouched

@@ -73,7 +73,7 @@ class Tiny(L.LightningModule):
     def __init__(self, optimizer: str = "sgd") -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.net = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
         self.optimizer = optimizer
 
     def training_step(self, batch, batch_idx):
@@ -126,14 +126,28 @@ def test_resume_equals_uninterrupted_run(tmp_path, update):
     def plugin() -> PureHalfPrecision:
         return PureHalfPrecision("bfloat16", compute="native", update=update)
 
-    full = flat(fit(tmp_path / "a", "adamw", plugin(), epochs=4)[0])
+    model = fit(tmp_path / "a", "adamw", plugin(), epochs=4)[0]
+    full, stats = flat(model), model.net[1].running_var.clone()
     _, trainer = fit(tmp_path / "b", "adamw", plugin(), epochs=2)
     trainer.save_checkpoint(tmp_path / "half.ckpt")
     state = torch.load(tmp_path / "half.ckpt", weights_only=False)
     assert "rounding_generators" in state["PureHalfPrecision"]
+    assert state["state_dict"]["net.1.running_var"].dtype == torch.float32  # BatchNorm statistics saved fp32
     torch.manual_seed(123)  # the user's RNG does not feed the rounding stream
-    resumed = flat(fit(tmp_path / "c", "adamw", plugin(), epochs=4, ckpt=str(tmp_path / "half.ckpt"))[0])
-    assert torch.equal(resumed, full)
+    resumed = fit(tmp_path / "c", "adamw", plugin(), epochs=4, ckpt=str(tmp_path / "half.ckpt"))[0]
+    assert torch.equal(flat(resumed), full)
+    assert resumed.net[1].running_var.dtype == torch.float32 and torch.equal(resumed.net[1].running_var, stats)
+
+
+def test_skipped_steps_touch_nothing(tmp_path):
+    """fp16 with a loss scale that overflows every step: no parameter, state or rounding draw changes."""
+    plugin = PureHalfPrecision("float16", compute="native", loss_scale="dynamic", init_scale=2.0**100)
+    model = Tiny("sgd")
+    before = flat(model.half())
+    model, trainer = fit(tmp_path, "sgd", plugin, epochs=1, model=model)
+    assert plugin.scaler.skipped_steps == len(loader())
+    assert torch.equal(flat(model), before) and not trainer.optimizers[0].state
+    assert plugin.fp32_step.seed is None and "rounding_generators" not in plugin.state_dict()
 
 
 class Custom(torch.optim.Optimizer):
