@@ -46,6 +46,25 @@ def test_cli_writes_models_report_and_table(digits_checkpoint, tmp_path, monkeyp
     report = json.loads((out / "export_report.json").read_text())
     assert set(report["formats"]) == {"fp32", "int8"} and report["passed"]
     assert sorted(os.listdir(out)) == ["export_report.json", "model_fp32.onnx", "model_int8.onnx"]
+    assert "edge" not in report and "edge" not in printed  # edge=false (the default) writes nothing extra
+
+
+def test_cli_edge_variant_mismatch_exit_1_names_the_format(digits_checkpoint, tmp_path, monkeypatch, capsys):
+    from lp_lightning.export import edge
+
+    metrics = edge.logit_metrics  # only the edge variants' evaluation is broken: the int8 model itself passes
+    monkeypatch.setattr(edge, "logit_metrics", lambda *a, **k: {**metrics(*a, **k), "agreement": 0.5})
+    out = tmp_path / "out"
+    code = lp_export(monkeypatch, f"ckpt={digits_checkpoint('mlp')}", f"out_dir={out}", "formats=[int8]", "edge=true",
+                     "latency_batch_sizes=1", *FAST)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "threshold missed: int8 (fixed shape b1): agreement 0.5000 < threshold 0.9800" in captured.err
+    assert "threshold missed: int8 (ORT format): agreement" in captured.err
+    assert "edge int8: NNAPI" in captured.out  # the summary line
+    report = json.loads((out / "export_report.json").read_text())
+    assert not report["passed"] and report["formats"]["int8"]["agreement"] >= 0.98
+    assert report["edge"]["int8"]["variants"]["ort"]["agreement"] == 0.5
 
 
 def test_cli_missed_threshold_exit_1_report_written(digits_checkpoint, tmp_path, monkeypatch, capsys):
@@ -99,7 +118,7 @@ def test_cli_bad_checkpoint(case, match, tmp_path, monkeypatch, capsys):
     ("latency_batch_sizes=[]", "latency_batch_sizes=[]"),
     ("parity_atol=nan", "parity_atol=nan must be a finite number > 0"), ("parity_atol=-1e-4", "parity_atol=-0.0001"),
     ("reduce_range=maybe", "reduce_range='maybe' is invalid; allowed: true, false or null"),
-    ("reduce_range=0.5", "reduce_range=0.5"),
+    ("reduce_range=0.5", "reduce_range=0.5"), ("edge=maybe", "edge='maybe' is invalid; allowed: true or false"),
     ("int4_accuracy_level=9", "int4_accuracy_level=9 is invalid; allowed: [0, 1, 2, 3, 4]"),
     ("thresholds.int8=abc", "thresholds.int8='abc' must be a number in [0, 1]"),
     ("thresholds.int8=1.5", "thresholds.int8=1.5"), ("thresholds=0.9", "thresholds=0.9 must be a mapping"),
@@ -117,7 +136,7 @@ def test_cli_shorthands(digits_checkpoint):
                                     "thresholds.int4=null"])
     export_cfg = export_tool.export_config(cfg)
     assert list(export_cfg.latency_batch_sizes) == [1] and list(export_cfg.formats) == ["int8"]
-    assert dict(export_cfg.thresholds) == {"int8": 0.98}
+    assert dict(export_cfg.thresholds) == {"int8": 0.98, "int4_qdq": 0.95}
 
 
 @pytest.mark.parametrize("exc", [TypeError("bad type\nsecond line"), ExportError("step failed:\n  the cause")])
