@@ -6,10 +6,12 @@ import contextlib
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, cast
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.precision.utils import _DtypeContextManager
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lp_lightning.precision.fastpath import transformer_fastpath_off
@@ -27,6 +29,9 @@ from lp_lightning.quant import (
     quant_state_dict,
     quantize_modules,
 )
+from lp_lightning.quant.batchnorm import batchnorm_layers
+from lp_lightning.quant.checks import eval_mode_layers, unobserved_layers, unquantizable_layers
+from lp_lightning.quant.range_monitor import RangeMonitor
 
 
 class FakeQuantPrecision(Precision):
@@ -48,7 +53,24 @@ class FakeQuantPrecision(Precision):
         skip: layers kept in float32, by fully-qualified name (``"net.classifier"``), trailing part
             (``"classifier"``) or glob. Default: none, so the whole model can run as an integer graph;
             ``conf/precision/int4w.yaml`` keeps the cnn stem, the vit patch embedding and the head in float32.
-        averaging_constant: weight of each new batch in the observers' moving average.
+        averaging_constant: weight of each new batch in the observers' moving average (0.1: a ~10-step
+            memory that follows growing activations; 0.01 lagged ~2x behind them and lost up to 28 points on
+            a depthwise-separable CNN, README).
+        bn_recalibration: when the model has BatchNorm layers, attach a
+            :class:`~lp_lightning.callbacks.BatchNormRecalibration` over this many training batches to the
+            Trainer (unless one is attached already): BN statistics are re-estimated with the current weights
+            and ranges before each validation and at each epoch's end. ``None``: do not (a warning says the
+            statistics will be stale).
+
+Freezing: ``freeze_observers_after`` freezes every range at that step, also one still growing (then it clips
+until the end: the shipped 200 steps cost up to 73 points). Freeze only once the logged ``range_growth`` is
+near 0 (e.g. for a last fine-tuning epoch); a warning names the layers clipping more than 1% when they freeze.
+
+Logged (when attached to a Trainer, every ``log_every_n_steps``): ``fake_quant/clipped/<layer>`` (fraction of
+the layer's inputs outside its range) and ``fake_quant/range_growth/<layer>``; a layer clipping more than 1%
+three measurements in a row is named in a warning. Fail fast (warnings naming the layers): fake-quant or
+BatchNorm layers in eval mode at the first training step, observers that saw no data in it, and
+Linear/Conv-like layers that are not skipped but cannot be swapped.
 
     After ``convert_module``, ``converted_layers`` lists the fake-quant layers (also logged).
 
@@ -67,7 +89,7 @@ class FakeQuantPrecision(Precision):
     def __init__(self, weight: str | int = "int8", activation: str | int | None = "int8",
                  granularity: str = "per_channel", group_size: int = 32,
                  freeze_observers_after: int | None = None, skip: Sequence[str] | None = None,
-                 averaging_constant: float = 0.01) -> None:
+                 averaging_constant: float = 0.1, bn_recalibration: int | None = 16) -> None:
         weight_bits = cast(int, parse_bits(weight, "weight", (8, 4), owner="FakeQuantPrecision"))
         act_bits = parse_bits(activation, "activation", (8,), allow_none=True, owner="FakeQuantPrecision")
         if granularity not in GRANULARITIES:
@@ -83,19 +105,26 @@ class FakeQuantPrecision(Precision):
             raise ValueError(f"FakeQuantPrecision(skip={skip!r}) must be a list of module names, e.g. ['classifier']")
         if not isinstance(averaging_constant, (int, float)) or not 0.0 < averaging_constant <= 1.0:
             raise ValueError(f"FakeQuantPrecision(averaging_constant={averaging_constant!r}) must be in (0, 1]")
+        if bn_recalibration is not None and (isinstance(bn_recalibration, bool) or not isinstance(
+                bn_recalibration, int) or bn_recalibration < 1):
+            raise ValueError(f"FakeQuantPrecision(bn_recalibration={bn_recalibration!r}) must be None (off) or a "
+                             "positive number of training batches")
         self.spec = QuantSpec(weight_bits, granularity, group_size if granularity == "per_group" else None,
                               act_bits, float(averaging_constant))
         self.config: dict[str, Any] = {
             "weight": f"int{weight_bits}", "activation": None if act_bits is None else f"int{act_bits}",
             "granularity": granularity, "group_size": int(group_size),
             "freeze_observers_after": freeze_observers_after, "skip": list(skip or []),
-            "averaging_constant": float(averaging_constant),
+            "averaging_constant": float(averaging_constant), "bn_recalibration": bn_recalibration,
         }
         self.compute_dtype: torch.dtype = torch.float32
         self.freeze_observers_after = freeze_observers_after
         self.skip: list[str] = list(skip or [])
         self.steps = 0
         self.converted_layers: list[str] = []
+        self.bn_recalibration = bn_recalibration
+        self.monitor = RangeMonitor({})
+        self._checked_first_step = False
         self._observers: list[MovingAverageMinMaxObserver] = []
         self._module: nn.Module | None = None  # the module convert_module swapped: its buffers go to checkpoints
         self._pending_state: Mapping[str, Any] | None = None  # module_state loaded before convert_module
@@ -109,7 +138,7 @@ class FakeQuantPrecision(Precision):
         """Swap the eligible layers in place (idempotent: already fake-quant layers are kept)."""
         unmatched = [e for e in self.skip if not any(matches(n, [e]) for n, _ in module.named_modules())]
         if unmatched:  # shared configs name layers of several nets; only a skip list matching nothing warns
-            say = rank_zero_warn if len(unmatched) == len(self.skip) else rank_zero_info
+            say = rank_zero_warn if len(unmatched) == len(self.skip) else rank_zero_debug
             say(f"FakeQuantPrecision(skip=...): {unmatched} match no module of {type(module).__name__}")
         names = quantize_modules(module, self.spec, self.skip)
         if not names:
@@ -117,6 +146,14 @@ class FakeQuantPrecision(Precision):
                              f"{type(module).__name__} (skip={self.skip!r}): fake quantization would change nothing")
         self.converted_layers = names
         self._module = module
+        self.monitor = RangeMonitor(fake_quant_layers(module))
+        self._checked_first_step = False
+        missed = unquantizable_layers(module, self.skip)
+        if missed:
+            rank_zero_warn(f"FakeQuantPrecision: {len(missed)} layer(s) stay float32 although not skipped: "
+                           + "; ".join(f"{n!r}: {why}" for n, why in missed.items())
+                           + f". Skip them explicitly (skip={sorted(missed)!r}) or use the plain torch types")
+        _attach_bn_recalibration(module, self.bn_recalibration)
         self._observers = [layer.act_observer for layer in fake_quant_layers(module).values()
                            if layer.act_observer is not None]
         accept_plain_state_dicts(module)  # e.g. test(ckpt_path="best") after fit: the trainer's module is converted
@@ -139,6 +176,10 @@ class FakeQuantPrecision(Precision):
         skips the forward after a ``no_sync`` micro-batch of gradient accumulation); then ``forward_context``."""
         if not self._all_frozen():  # frozen ranges no longer change: nothing to send
             broadcast_observers(self._observers)
+        if not self._checked_first_step and self._module is not None:
+            _warn_eval_mode(self._module)
+        if self.steps % self._log_every() == 0:
+            self.monitor.arm()
         with self.forward_context():
             yield
 
@@ -153,6 +194,15 @@ class FakeQuantPrecision(Precision):
         """The optimizer step, then count it and freeze the observers once ``freeze_observers_after`` is reached."""
         output = super().optimizer_step(optimizer, model, closure, **kwargs)
         self.steps += 1
+        if not self._checked_first_step and self._module is not None:
+            self._checked_first_step = True
+            unobserved = unobserved_layers(self._module)
+            if unobserved:
+                rank_zero_warn(f"FakeQuantPrecision: the activation observers of {unobserved} saw no data in the "
+                               "first training step (the layer is not called by forward, or runs in eval mode): "
+                               "their inputs stay float32 in training and export")
+        if self.monitor.armed:
+            self._log_ranges(model, self.monitor.collect())
         if self._should_freeze() and not self._all_frozen():
             broadcast_observers(self._observers)  # every rank freezes the same ranges
             self._freeze()
@@ -164,9 +214,25 @@ class FakeQuantPrecision(Precision):
     def _all_frozen(self) -> bool:
         return all(obs.is_frozen for obs in self._observers)
 
+    def _log_every(self) -> int:
+        trainer = getattr(self._module, "_trainer", None)
+        return max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+
+    def _log_ranges(self, model: Any, stats: dict[str, float]) -> None:
+        if not stats or not isinstance(model, pl.LightningModule) or model._trainer is None:
+            return
+        with contextlib.suppress(MisconfigurationException):
+            for key, value in stats.items():
+                model.log(f"fake_quant/{key}", value, on_step=True, on_epoch=False, batch_size=1)
+
     def _freeze(self) -> None:
         if not self._all_frozen():
             rank_zero_info(f"FakeQuantPrecision: activation observers frozen after {self.steps} step(s)")
+            clipping = self.monitor.above()
+            if clipping:
+                rank_zero_warn(f"FakeQuantPrecision: freezing the activation ranges of layers that still clip "
+                               f"more than 1% of their inputs: { {n: round(v, 4) for n, v in clipping.items()} }; "
+                               "freeze later (freeze_observers_after) or not at all")
         for obs in self._observers:
             obs.freeze()
 
@@ -217,6 +283,34 @@ class FakeQuantPrecision(Precision):
     def reference_module(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """A NEW plain unquantized copy of ``module`` (original float weights, plain layer types) in ``dtype``."""
         return dequantize(module, snap=False).to(dtype)
+
+
+def _warn_eval_mode(module: nn.Module) -> None:
+    """Warn naming the fake-quant/BatchNorm layers in eval mode at the first training step."""
+    frozen = eval_mode_layers(module)
+    if frozen:
+        rank_zero_warn(f"FakeQuantPrecision: {frozen} are in eval mode at the first training step, so their activation "
+                       "observers never observe and BatchNorm statistics never update (Lightning keeps a model that "
+                       "starts fit in eval mode in eval mode): call model.train() before trainer.fit(...)")
+
+
+def _attach_bn_recalibration(module: nn.Module, num_batches: int | None) -> None:
+    """Put a BatchNormRecalibration first among the Trainer's callbacks when ``module`` has BatchNorm layers
+    (first: it runs before the checkpoint callbacks of the same hook); warn when ``num_batches`` is None."""
+    from lp_lightning.callbacks.batchnorm_recalibration import BatchNormRecalibration
+
+    bns = batchnorm_layers(module)
+    trainer = getattr(module, "_trainer", None)
+    if not bns or trainer is None or any(isinstance(cb, BatchNormRecalibration) for cb in trainer.callbacks):
+        return
+    if num_batches is None:
+        rank_zero_warn(f"FakeQuantPrecision(bn_recalibration=None): BatchNorm layers {sorted(bns)} keep running "
+                       "statistics averaged while the weights and ranges moved; they can be stale at the end of "
+                       "training (issue 17: 3 standard deviations). Add lp_lightning.callbacks.BatchNormRecalibration")
+        return
+    trainer.callbacks.insert(0, BatchNormRecalibration(num_batches))
+    rank_zero_info(f"FakeQuantPrecision: attached BatchNormRecalibration({num_batches}) "
+                   f"for {len(bns)} BatchNorm layer(s)")
 
 
 def _warn_weights_only_checkpoints(module: nn.Module) -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lp_lightning.quant.input_quant import attach_input_quant
 from lp_lightning.quant.observer import MovingAverageMinMaxObserver
 from lp_lightning.quant.qparams import fake_quantize_weight, symmetric_weight_scale
 from lp_lightning.quant.spec import QuantSpec
@@ -90,7 +91,11 @@ class FakeQuantModule(nn.Module):
             return x
         if self.training:
             obs.observe(x)
-        return obs.fake_quantize(x) if obs.initialized else x
+        if not obs.initialized:
+            return x
+        if obs.measure:
+            obs.record_clipping(x)
+        return obs.fake_quantize(x)
 
     def quantized_weight(self) -> Tensor:
         """The weight on its grid (scales recomputed from the current weight and stored in ``weight_scale``)."""
@@ -128,8 +133,10 @@ class FakeQuantModule(nn.Module):
             "act_bits": obs.bits if active else None,
         }
 
-    def to_float(self, snap: bool = True) -> nn.Module:
-        """A NEW plain ``float_cls`` layer; ``snap=True`` puts the weight on its quantization grid."""
+    def to_float(self, snap: bool = True, activations: bool = False) -> nn.Module:
+        """A NEW plain ``float_cls`` layer; ``snap=True`` puts the weight on its quantization grid;
+        ``activations=True`` keeps the input's fake quantization with the learned qparams (``input_quant``),
+        so the layer computes what this one computes in eval mode."""
         plain = copy.deepcopy(self)
         for buf in _QUANT_BUFFERS:
             plain._buffers.pop(buf, None)
@@ -140,6 +147,9 @@ class FakeQuantModule(nn.Module):
             with torch.no_grad():
                 plain.weight.copy_(self.quantized_weight())
         plain.__class__ = self.float_cls
+        obs = self.act_observer
+        if activations and obs is not None and obs.initialized:
+            attach_input_quant(plain, obs.scale, obs.zero_point, obs.bits)
         return plain
 
     def extra_repr(self) -> str:

@@ -21,7 +21,7 @@ class MovingAverageMinMaxObserver(nn.Module):
     ``zero_point``, ``frozen``.
     """
 
-    def __init__(self, bits: int = 8, averaging_constant: float = 0.01) -> None:
+    def __init__(self, bits: int = 8, averaging_constant: float = 0.1) -> None:
         super().__init__()
         self.bits = bits
         self.averaging_constant = averaging_constant
@@ -33,6 +33,9 @@ class MovingAverageMinMaxObserver(nn.Module):
         # python mirrors of two buffers, so the hot path needs no device sync; refreshed on load
         self._frozen = False
         self._initialized = False
+        # clipping statistics (not state): measured only while ``measure`` is set (FakeQuantPrecision's log steps)
+        self.measure = False
+        self.clipped: float | None = None
 
     @property
     def quant_range(self) -> tuple[int, int]:
@@ -76,6 +79,20 @@ class MovingAverageMinMaxObserver(nn.Module):
         """
         qmin, qmax = self.quant_range
         return fake_quantize_per_tensor(x, self.scale.float(), self.zero_point, qmin, qmax)
+
+    @torch.no_grad()
+    def record_clipping(self, x: Tensor) -> None:
+        """Store in ``clipped`` the fraction of ``x`` outside the representable range (by more than half a step)."""
+        qmin, qmax = self.quant_range
+        scale, zp = float(self.scale), int(self.zero_point)
+        lo, hi = (qmin - zp - 0.5) * scale, (qmax - zp + 0.5) * scale
+        x = x.detach()
+        self.clipped = float(((x < lo) | (x > hi)).sum()) / max(x.numel(), 1)
+
+    @property
+    def width(self) -> float:
+        """The observed range's width ``max_val - min_val`` (0 before any observation)."""
+        return float(self.max_val - self.min_val) if self._initialized else 0.0
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

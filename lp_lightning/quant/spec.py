@@ -49,7 +49,7 @@ class QuantSpec:
     granularity: str = "per_channel"
     group_size: int | None = None
     act_bits: int | None = 8
-    averaging_constant: float = 0.01
+    averaging_constant: float = 0.1
 
     def check(self, layer: str = "<layer>") -> None:
         """Raise ValueError naming ``layer`` and the bad value when a setting is unsupported."""

@@ -61,22 +61,30 @@ def quantize_modules(model: nn.Module, spec: QuantSpec, skip: Sequence[str] = ()
     return list(fake_quant_layers(model))
 
 
-def dequantize(model: nn.Module, snap: bool = False) -> nn.Module:
+def dequantize(model: nn.Module, snap: bool = False, activations: bool = False) -> nn.Module:
     """A NEW copy of ``model`` with every fake-quant layer back to its plain type (``model`` is untouched).
 
     ``snap=False`` keeps the trained float weights; ``snap=True`` puts them on their quantization grid.
+    ``activations=True`` keeps each layer's input fake quantization with its learned qparams
+    (``quant.input_quant``; the state-dict keys stay the plain model's).
     """
     plain = copy.deepcopy(model)
     originals = fake_quant_layers(model)
     if "" in originals:
-        return originals[""].to_float(snap)
+        return originals[""].to_float(snap, activations)
     for name in fake_quant_layers(plain):
-        _set_submodule(plain, name, originals[name].to_float(snap))
+        _set_submodule(plain, name, originals[name].to_float(snap, activations))
     return plain
 
 
-def convert(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """Plain model (original module types, weights snapped to their grid) plus the learned qparams.
+def convert(model: nn.Module, activations: bool = True) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+    """The model QAT trained, in plain layers, plus the learned qparams.
+
+    The returned model has the original module types and state-dict keys, weights snapped to their grid,
+    BatchNorm as trained (recalibrated by ``BatchNormRecalibration`` when FakeQuantPrecision attached it), and,
+    with ``activations=True`` (default), each layer's input quantize/dequantize with the learned qparams, so
+    in eval mode it computes exactly what the fake-quant model computes. ``activations=False`` gives the
+    plain-float model (snapped weights, float activations) that the ONNX exporter quantizes with the qparams.
 
     ``qparams[fully_qualified_name]`` = ``{"weight_scale", "weight_zero_point", "bits", "granularity",
     "group_size", "act_scale", "act_zero_point", "act_bits"}`` (see ``FakeQuantModule.qparams``);
@@ -91,4 +99,4 @@ def convert(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
                   if layer.act_observer is not None and not layer.act_observer.initialized]
     if unobserved:
         warnings.warn(f"activation observers of {unobserved} never saw data: their act_scale is None", stacklevel=2)
-    return dequantize(model, snap=True), qparams
+    return dequantize(model, snap=True, activations=activations), qparams

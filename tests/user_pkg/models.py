@@ -122,3 +122,25 @@ class Regressor(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, eps=1e-4)
+
+
+class DepthwiseSeparableCNN(TinyResNet):
+    """Conv2d -> depthwise Conv2d -> pointwise Conv2d -> BatchNorm -> Conv1d (over the pooled positions) ->
+    Linear, trained from scratch with SGD (lr 0.05, momentum 0.9); batches ``(x, y, index)``. The held-out
+    net of issue 17: one depthwise channel can dominate its layer's activation range. Steps, logging and the
+    optimizer are TinyResNet's."""
+
+    def __init__(self, width: int = 16, learning_rate: float = 0.05) -> None:
+        L.LightningModule.__init__(self)  # not TinyResNet's layers
+        self.save_hyperparameters({"width": width, "learning_rate": learning_rate})
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.pw = nn.Conv2d(width, 2 * width, 1, bias=False)
+        self.bn = nn.BatchNorm2d(2 * width)
+        self.seq = nn.Conv1d(2 * width, width, 3, padding=1)
+        self.fc = nn.Linear(width * 16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.dw(F.relu(self.conv(x))))
+        h = F.avg_pool2d(F.relu(self.bn(self.pw(h))), 2).flatten(2)  # (N, C, 16 positions)
+        return self.fc(F.relu(self.seq(h)).flatten(1))
