@@ -10,10 +10,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lp_lightning.audit.overflow import STAT_KEYS, tensor_stats_raw
+from lp_lightning.audit.update_report import UpdateTelemetry, plugin_loss_scale, plugin_update_rounding
+from lp_lightning.audit.updates import RunningStatsProbe, UpdateProbe, buffer_dtype, running_stat_modules
 from lp_lightning.io import atomic_path, write_json
 
 KINDS = ("act", "grad")
@@ -57,12 +60,37 @@ class NumericsMonitor(Callback):
     ``numerics/<layer>/<act|grad>_<stat>``. At fit end: a per-layer summary table is printed, and
     ``numerics_heatmap.png`` (layers x steps) and ``numerics_summary.json`` are written to the log dir.
     Hooks live only on sampled steps and are removed at teardown.
+
+    Lost updates (the "why" before accuracy drops in pure 16-bit training): on the sampled steps, each
+    selected layer's parameters are copied before the optimizer step and compared after it. ``update_lost_share``
+    is the share of elements with a non-zero update that kept their value (``new == old``: the update was below
+    half an ulp of the 16-bit weight); "non-zero update" is a proxy (``lp_lightning.audit.updates``: a non-zero
+    finite gradient, or a non-zero ``exp_avg``/``momentum_buffer`` after the step, or weight decay on a non-zero
+    weight). Steps a loss scaler skipped (a non-finite gradient) are listed in ``update_skipped_steps`` and not
+    counted. A layer one of whose parameter tensors loses more than ``lost_update_threshold`` of its updates
+    (over the sampled steps so far) is warned about once, unless the plugin compensates the rounding
+    (``PureHalfPrecision(update="stochastic"|"kahan")``: then ``new == old`` is not a loss and the share is only
+    reported). Logged as ``numerics/<layer>/update_lost_share``.
+
+    Stalled running statistics: on the sampled steps, every BatchNorm/SyncBatchNorm/InstanceNorm with
+    ``track_running_stats`` (in the whole model, whatever ``modules`` says) that ran in training mode is checked
+    for ``running_mean``/``running_var`` entries that did not change; a module whose unchanged share is at least
+    ``norm_stall_threshold`` on ``norm_stall_steps`` sampled steps in a row is warned about once (16-bit
+    buffers: a ``momentum * (batch - running)`` update below half an ulp is rounded away). Logged as
+    ``numerics/<module>/norm_stats_unchanged_share``; both go into ``numerics_summary.json``.
     """
 
     def __init__(self, every_n_steps: int = 50, modules: Sequence[str] | str | None = None,
-                 dtype: str | None = None, heatmap: bool = True) -> None:
+                 dtype: str | None = None, heatmap: bool = True, lost_update_threshold: float = 0.5,
+                 norm_stall_threshold: float = 0.1, norm_stall_steps: int = 3) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} must be an int >= 1")
+        for name, value in (("lost_update_threshold", lost_update_threshold),
+                            ("norm_stall_threshold", norm_stall_threshold)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
+        if isinstance(norm_stall_steps, bool) or not isinstance(norm_stall_steps, int) or norm_stall_steps < 1:
+            raise ValueError(f"norm_stall_steps={norm_stall_steps!r} must be an int >= 1")
         if dtype is not None:
             resolved = getattr(torch, str(dtype), None)
             if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
@@ -71,6 +99,9 @@ class NumericsMonitor(Callback):
         self.modules = modules if modules is None or isinstance(modules, (str, type)) else list(modules)
         self.dtype = dtype
         self.heatmap = heatmap
+        self.lost_update_threshold = float(lost_update_threshold)
+        self.norm_stall_threshold = float(norm_stall_threshold)
+        self.norm_stall_steps = norm_stall_steps
         self.layers: list[str] = []
         self.steps: list[int] = []
         self.records: list[Tensor] = []  # per sampled step: (layers, 2 kinds, 4 stats), nan where unseen
@@ -78,25 +109,44 @@ class NumericsMonitor(Callback):
         self._handles: list[RemovableHandle] = []
         self._current: Tensor | None = None
         self._step = 0
+        self._update_probe = UpdateProbe({})
+        self._norm_probe = RunningStatsProbe({})
+        self._reset_updates()
+
+    def _reset_updates(self) -> None:
+        self.telemetry = UpdateTelemetry(self.lost_update_threshold, self.norm_stall_threshold,
+                                         self.norm_stall_steps)
+        self._sampling = False
+        self._scale: float | None = None
+        self._update_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._targets = select_modules(pl_module, self.modules)
-        self.layers = list(self._targets)
+        self._select(pl_module)
         if stage == "fit":  # a new fit starts a new record
             self.steps, self.records = [], []
+            self._reset_updates()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # precision plugins swap layers in convert_module, which runs after callback setup: look again
+        self._select(pl_module)
+        self.telemetry.update_rounding = plugin_update_rounding(trainer.precision_plugin)
+
+    def _select(self, pl_module: L.LightningModule) -> None:
         self._targets = select_modules(pl_module, self.modules)
         self.layers = list(self._targets)
+        self._update_probe = UpdateProbe({layer: {n: p for n, p in m.named_parameters() if p.requires_grad}
+                                          for layer, m in self._targets.items()})
+        self._norm_probe = RunningStatsProbe(running_stat_modules(pl_module))
 
     # ---- sampling --------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps != 0 or self._handles or (self.steps and self.steps[-1] == step):
+        if step % self.every_n_steps != 0 or self._sampling or (self.steps and self.steps[-1] == step):
             return
         self._step = step
+        self._sampling = True
+        self._norm_probe.before()
         self._current = torch.full((len(self.layers), len(KINDS), len(STAT_KEYS)), float("nan"))
         for i, module in enumerate(self._targets.values()):
             self._handles.append(module.register_forward_hook(self._forward_hook(i)))
@@ -129,10 +179,13 @@ class NumericsMonitor(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self._handles:
+        if self._update_probe.armed:
+            self._end_update_sample(trainer)
+        if not self._sampling:
             return
         current = self._current
         self._remove_hooks()
+        self._end_norm_sample(trainer)
         if current is None:
             return
         self.records.append(current)
@@ -140,8 +193,46 @@ class NumericsMonitor(Callback):
         metrics = {f"numerics/{layer}/{kind}_{key}": float(current[i, k, s])
                    for i, layer in enumerate(self.layers) for k, kind in enumerate(KINDS)
                    for s, key in enumerate(STAT_KEYS) if not torch.isnan(current[i, k, s])}
-        for logger in trainer.loggers:  # rank-zero-only writers, no collective
-            logger.log_metrics(metrics, step=self._step)
+        self._log(trainer, metrics, self._step)
+
+    # ---- lost updates and stalled running statistics ----------------------------------------------
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps != 0 or (step == self._update_step and not self._update_probe.armed):
+            return  # not sampled, or this step was compared already
+        if not self._update_probe.armed:
+            self._update_step, self._scale = step, plugin_loss_scale(trainer.precision_plugin)
+        self._update_probe.before(optimizer)  # a second optimizer of the same step adds its parameters
+
+    def _end_update_sample(self, trainer: L.Trainer) -> None:
+        scale = plugin_loss_scale(trainer.precision_plugin)
+        dropped = scale is not None and self._scale is not None and scale < self._scale
+        counts = self._update_probe.after(scale_dropped=dropped)
+        dtypes = {layer: str(next(iter(params.values())).dtype).removeprefix("torch.")
+                  for layer, params in self._update_probe.layers.items() if params}
+        shares, message = self.telemetry.add_updates(self._update_step, counts, dtypes)
+        self._log(trainer, {f"numerics/{layer}/update_lost_share": v for layer, v in shares.items()},
+                  self._update_step)
+        if message:
+            rank_zero_warn(message)
+
+    def _end_norm_sample(self, trainer: L.Trainer) -> None:
+        counts = self._norm_probe.after()
+        if not counts:
+            return
+        modules = self._norm_probe.modules
+        info = {n: (type(modules[n]).__name__, buffer_dtype(modules[n]), getattr(modules[n], "momentum", None))
+                for n in counts}
+        shares, message = self.telemetry.add_norm(counts, info)
+        self._log(trainer, {f"numerics/{n}/norm_stats_unchanged_share": v for n, v in shares.items()}, self._step)
+        if message:
+            rank_zero_warn(message)
+
+    @staticmethod
+    def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        if metrics:
+            for logger in trainer.loggers:  # rank-zero-only writers, no collective
+                logger.log_metrics(metrics, step=step)
 
     # ---- fit end ---------------------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -155,7 +246,8 @@ class NumericsMonitor(Callback):
         summary = self.summary(data)
         print(format_table(summary))
         out = Path(log_dir or trainer.default_root_dir)
-        write_json(out / SUMMARY_FILE, {"steps": self.steps, "layers": summary})
+        # lost updates and norm statistics are rank 0's own (DDP keeps the weights identical on every rank)
+        write_json(out / SUMMARY_FILE, {"steps": self.steps, "layers": summary, **self.telemetry.report()})
         if self.heatmap:
             write_heatmap(out / HEATMAP_FILE, data, self.layers, self.steps)
 
@@ -171,12 +263,14 @@ class NumericsMonitor(Callback):
                            filled[..., 2].sum(0) / seen[..., 2], filled[..., 3].amax(0)], dim=-1)
         return torch.where(torch.isnan(every).all(0), torch.full_like(out, float("nan")), out)
 
-    def summary(self, data: Tensor | None = None) -> dict[str, dict[str, float]]:
-        """Per layer, over sampled steps: total non-finite, worst shares and amax (``<kind>_<stat>``)."""
+    def summary(self, data: Tensor | None = None) -> dict[str, dict[str, Any]]:
+        """Per layer, over sampled steps: total non-finite, worst shares and amax (``<kind>_<stat>``), and the
+        lost updates (``update_lost_share``, ``update_lost``, ``update_moving``, ``update_lost_share_by_param``,
+        ``update_flagged``; see ``UpdateTelemetry.layer_row``)."""
         data = torch.stack(self.records) if data is None else data
-        out: dict[str, dict[str, float]] = {}
+        out: dict[str, dict[str, Any]] = {}
         for i, layer in enumerate(self.layers):
-            row: dict[str, float] = {}
+            row: dict[str, Any] = self.telemetry.layer_row(layer)
             for k, kind in enumerate(KINDS):
                 col = data[:, i, k]
                 col = col[~torch.isnan(col[:, 3])]
@@ -194,6 +288,7 @@ class NumericsMonitor(Callback):
             handle.remove()
         self._handles.clear()
         self._current = None
+        self._sampling = False
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -202,12 +297,12 @@ class NumericsMonitor(Callback):
         self._remove_hooks()  # Lightning skips teardown hooks when fit raises
 
 
-def format_table(summary: dict[str, dict[str, float]]) -> str:
+def format_table(summary: dict[str, dict[str, Any]]) -> str:
     """Markdown table of ``NumericsMonitor.summary()``."""
-    cols = [f"{k}_{s}" for k in KINDS for s in STAT_KEYS]
+    cols = [f"{k}_{s}" for k in KINDS for s in STAT_KEYS] + ["update_lost_share"]
     lines = ["| layer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for layer, row in summary.items():
-        cells = [f"{row[c]:.3g}" if c in row else "-" for c in cols]
+        cells = [f"{row[c]:.3g}" if row.get(c) is not None else "-" for c in cols]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
