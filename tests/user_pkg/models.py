@@ -63,8 +63,10 @@ class _Block(nn.Module):
 class TinyResNet(L.LightningModule):
     """ResNet-style CNN with BatchNorm, residual adds and a depthwise conv; batches ``(x, y, index)``."""
 
-    def __init__(self, width: int = 16, blocks: int = 2, learning_rate: float = 0.05) -> None:
+    def __init__(self, width: int = 16, blocks: int = 2, learning_rate: float = 0.05, optimizer: str = "sgd") -> None:
         super().__init__()
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer={optimizer!r}; allowed: sgd, adamw")
         self.save_hyperparameters()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.blocks = nn.Sequential(*[_Block(width) for _ in range(blocks)])
@@ -91,6 +93,8 @@ class TinyResNet(L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.get("optimizer", "sgd") == "adamw":  # eps 1e-3: safe in fp16 (EpsilonGuard's bound is 2**-12)
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.learning_rate, eps=1e-3, weight_decay=0.01)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.learning_rate, momentum=0.9)
 
 

@@ -1,0 +1,120 @@
+"""Pure 16-bit against fp32 over seeds: round-to-nearest updates vs the defaults (stochastic rounding, fp32 norm
+statistics), for SGD and AdamW, on the built-in mlp, cnn (BatchNorm), vit and a ResNet-with-BatchNorm test model.
+
+    python -m lp_lightning.tools.bench.pure16 --models mlp cnn resnet --seeds 0 1 2 --threads 1 --out pure16.json
+
+Every run goes through ``lp_lightning.train.run`` (the composed ``lp-train`` config) into
+``<root>/<model>/<optimizer>/<variant>/seed<s>``; finished runs are read back, so an interrupted sweep resumes.
+Variants: fp32; pure fp16 and bf16 with ``update=nearest norm_stats=16bit`` (Lightning's 16-true/bf16-true
+behaviour) and with the defaults. SGD: lr 0.05, momentum 0.9 (the vit: gradient clipping 1.0); AdamW: eps 1e-3
+(fp16-safe; the vit lr 3e-3). ``resnet`` is ``tests.user_pkg.models.TinyResNet`` on its own DataModule
+(the repository's tests package must be importable). Prints accuracy (mean, worst seed, difference to fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from lp_lightning.io import write_json
+from lp_lightning.tools.bench.threads import torch_threads
+
+VARIANTS = {
+    "fp32": ["precision=fp32"],
+    "fp16 nearest": ["precision=fp16", "precision.update=nearest", "precision.norm_stats=16bit"],
+    "fp16 default": ["precision=fp16"],
+    "bf16 nearest": ["precision=bf16", "precision.update=nearest", "precision.norm_stats=16bit"],
+    "bf16 default": ["precision=bf16"],
+}
+RESNET = ["~model", "+model._target_=tests.user_pkg.models.TinyResNet", "~data",
+          "+data._target_=tests.user_pkg.data.DigitsRows", "+data.layout=triple", "monitor=val_acc"]
+
+
+def model_overrides(model: str, optimizer: str) -> list[str]:
+    """The lp-train overrides of a model and optimizer (see the module docstring)."""
+    if model == "resnet":
+        return [*RESNET, f"+model.optimizer={optimizer}",
+                *(["+model.learning_rate=0.003"] if optimizer == "adamw" else [])]
+    out = [f"model={model}", f"optimizer={optimizer}"]
+    if optimizer == "adamw":
+        out += ["optimizer.eps=1e-3", *(["optimizer.lr=3e-3"] if model == "vit" else [])]
+    elif model == "vit":
+        out += ["optimizer.lr=0.05", "+trainer.gradient_clip_val=1.0", "trainer.max_epochs=25"]
+    if model == "vit" and optimizer == "adamw":
+        out.append("trainer.max_epochs=25")
+    return out
+
+
+def accuracy(root: Path, overrides: list[str], name: str) -> float:
+    """Test accuracy of one run (read back when ``root/metrics.json`` exists)."""
+    metrics = root / "metrics.json"
+    if not metrics.exists():
+        from lp_lightning.config import compose_config
+        from lp_lightning.train import run
+
+        run(compose_config("train", [*overrides, "trainer.enable_progress_bar=false"]), root, name)
+    saved = json.loads(metrics.read_text())
+    test = saved.get("test") or {}
+    value = saved.get("test_acc") if saved.get("test_acc") is not None else test.get("test_acc")
+    return float(value)
+
+
+def sweep(models: list[str], optimizers: list[str], variants: list[str], seeds: list[int], root: Path
+          ) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``{model: {optimizer: {variant: [accuracy per seed]}}}``."""
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for model in models:
+        for opt in optimizers:
+            for variant in variants:
+                for seed in seeds:
+                    where = root / model / opt / variant.replace(" ", "_") / f"seed{seed}"
+                    acc = accuracy(where, [*model_overrides(model, opt), *VARIANTS[variant], f"seed={seed}"],
+                                   variant.split()[0])
+                    out.setdefault(model, {}).setdefault(opt, {}).setdefault(variant, []).append(acc)
+    return out
+
+
+def table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    """Markdown: one row per model and optimizer, ``mean (diff to fp32), worst`` per variant."""
+    variants = list(next(iter(next(iter(results.values())).values())))
+    lines = ["| model | optimizer | " + " | ".join(variants) + " |", "|---|---|" + "---:|" * len(variants)]
+    for model, per_opt in results.items():
+        for opt, acc in per_opt.items():
+            ref = statistics.mean(acc["fp32"]) if "fp32" in acc else None
+            cells = []
+            for v in variants:
+                mean = statistics.mean(acc[v])
+                diff = f" ({100 * (mean - ref):+.1f})" if ref is not None and v != "fp32" else ""
+                cells.append(f"{100 * mean:.1f}{diff}, worst {100 * min(acc[v]):.1f}")
+            lines.append(f"| {model} | {opt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "vit", "resnet"],
+                        choices=["mlp", "cnn", "vit", "resnet"])
+    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (accuracy moves with it)")
+    parser.add_argument("--root", type=Path, default=Path("outputs/pure16"), help="run folders (reused)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    with torch_threads(args.threads):
+        results = sweep(args.models, args.optimizers, args.variants, args.seeds, args.root)
+    print(f"Test accuracy %, mean over seeds {args.seeds} (difference to fp32 in points), worst seed; "
+          f"{args.threads} thread(s)\n")
+    print(table(results))
+    if args.out:
+        write_json(args.out, {"seeds": args.seeds, "threads": args.threads, "accuracy": results})
+    return results
+
+
+if __name__ == "__main__":
+    main()
