@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,9 +33,10 @@ from lp_lightning.config import (
     validate,
 )
 from lp_lightning.io import atomic_write, write_json
-from lp_lightning.logs import share_file_handlers
+from lp_lightning.logs import quiet_console, share_file_handlers
 from lp_lightning.models import CheckpointError, Classifier, load_weights, read_checkpoint
 from lp_lightning.models.checkpoint import STRUCTURAL_PLUGINS, restore_structure, structural_config
+from lp_lightning.sweep import headline
 
 CLASSIFIER_KEYS = ("net", "net_kwargs", "input_shape", "num_classes")  # what its weights' shapes depend on
 
@@ -93,6 +93,8 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False,
                            save_on_train_epoch_end=True)  # also when validation runs less often than every epoch
     timer = Timer()
+    if cfg.trainer.get("enable_progress_bar") is None:  # null: the bar on a terminal, no frames in a file or pipe
+        trainer_kwargs["enable_progress_bar"] = sys.stdout.isatty()
     trainer = instantiate(cfg.trainer, **trainer_kwargs, plugins=plugins, default_root_dir=str(run_dir),
                           logger=CSVLogger(str(run_dir), name="logs"),
                           callbacks=[best, last, timer, *build_callbacks(cfg.get("callbacks"))])
@@ -135,15 +137,6 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
 def _merged(results: list[dict[str, float]] | None) -> dict[str, float]:
     """One dict of what ``Trainer.validate``/``test`` returned (one dict per dataloader)."""
     return {k: v for result in results or [] for k, v in result.items()}
-
-
-def _headline(metrics: dict[str, Any]) -> tuple[str, float | None]:
-    """The test metric to report: the test counterpart of the monitor (``val/acc`` -> ``test/acc``,
-    ``valid/mse`` -> ``test/mse``), else the first logged test metric; ("", None) when none was logged."""
-    test = metrics.get("test") or {}
-    key = re.sub(r"^(val|valid|validation)(?=[/_])", "test", str(metrics.get("monitor", "")))
-    key = key if key in test else next(iter(test), "")
-    return key, test.get(key)
 
 
 def finetune_config(cfg: DictConfig) -> DictConfig:
@@ -205,7 +198,10 @@ def _app(cfg: DictConfig) -> float:
     """Entry point of ``lp-train``; returns the monitor's test metric (useful for sweeps). Bad input: exit 2."""
     hydra_cfg = HydraConfig.get()
     try:
-        with share_file_handlers("lightning.pytorch", "lightning.fabric"):  # train.log gets Lightning's messages
+        # train.log gets all of Lightning's messages; the console each message once, without Lightning's
+        # hardware/tip lines (verbose=true: all)
+        quiet = quiet_console(bool(cfg.get("verbose", False)))
+        with quiet, share_file_handlers("lightning.pytorch", "lightning.fabric"):
             metrics = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision", "custom"))
     except (ValueError, FileNotFoundError, InstantiationException, MisconfigurationException) as exc:
         # invalid values (also in a plugin's or callback's arguments), an unusable resume checkpoint
@@ -216,7 +212,7 @@ def _app(cfg: DictConfig) -> float:
         if rank_zero_only.rank == 0:
             print(f"lp-train: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    key, value = _headline(metrics)
+    key, value = headline(metrics)
     monitored = metrics["best_score"] if metrics["best_score"] is not None else metrics["val"].get(metrics["monitor"])
     print(f"{key or 'test'}={_number(value)} {metrics['monitor']}={_number(monitored)} "
           f"time_per_epoch={metrics['time_per_epoch_s']:.2f}s -> {hydra_cfg.runtime.output_dir}/metrics.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -86,6 +87,8 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode != 0 and "UnsafeEpsilonError" in proc.stderr
     assert [json.loads(p.read_text())["precision"] for p in tmp_path.glob("*/metrics.json")] == ["fp16"]
+    runs = json.loads((tmp_path / "sweep_summary.json").read_text())["runs"]  # written after each job
+    assert [(r["status"], r["value"] is None) for r in runs] == [("failed", True), ("ok", False)]
 
 
 def test_multirun_sweep_writes_one_run_per_value(tmp_path: Path) -> None:
@@ -95,6 +98,16 @@ def test_multirun_sweep_writes_one_run_per_value(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     seeds = sorted(json.loads(p.read_text())["seed"] for p in tmp_path.glob("*/metrics.json"))
     assert seeds == [1, 2]
+    # the summary: a table of the runs ending the output, the same rows as JSON and CSV in the sweep dir
+    runs = json.loads((tmp_path / "sweep_summary.json").read_text())["runs"]
+    assert [(r["job"], r["status"], r["metric"]) for r in runs] == [("0", "ok", "test/acc"), ("1", "ok", "test/acc")]
+    assert "seed=1" in runs[0]["overrides"] and runs[1]["run_dir"] == str(tmp_path / "1")
+    assert all(0.0 <= r["value"] <= 1.0 and r["time_s"] > 0 for r in runs)
+    rows = list(csv.DictReader((tmp_path / "sweep_summary.csv").open()))
+    assert [r["job"] for r in rows] == ["0", "1"] and float(rows[1]["value"]) == runs[1]["value"]
+    out = proc.stdout.strip().splitlines()
+    assert out[-4].startswith("job") and "test metric" in out[-4] and out[-1].endswith("sweep_summary.csv")
+    assert re.match(rf"0 +seed=1 +test/acc=0\.\d{{4}} +\d+\.\ds +{tmp_path}/0$", out[-3]), out
 
 
 VIT_FP16 = ["model=vit", "precision=fp16", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",

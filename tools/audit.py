@@ -29,6 +29,7 @@ from lp_lightning.config import config_dir
 from lp_lightning.data.rebuild import build_data
 from lp_lightning.data.samples import split_loader
 from lp_lightning.io import write_json
+from lp_lightning.logs import quiet_console
 from lp_lightning.models import CheckpointError, load_module
 from lp_lightning.models.checkpoint import structural_config
 from lp_lightning.tools.checkpoint_args import model_and_data
@@ -148,13 +149,16 @@ def _app(cfg: DictConfig) -> None:
     """Entry point of ``lp-audit``: exit 0 (no violations), 1 (violations found), 2 (bad input)."""
     hydra_cfg = HydraConfig.get()
     try:
-        report = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision"))
+        with quiet_console(bool(cfg.get("verbose", False))):
+            report = run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.runtime.choices.get("precision"))
     except (CheckpointError, ValueError, TypeError, OSError) as exc:
         print(f"lp-audit: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     print(table(report))
     out = Path(cfg.get("out_dir") or hydra_cfg.runtime.output_dir)
-    print(f"-> {out / REPORT_NAME}")
+    print(f"lp-audit: {report['low_precision']} vs {report['reference_precision']}: certified_fraction="
+          f"{report['certified_fraction']:.4f} agreement={report['agreement']:.4f} violations={report['violations']}"
+          f" -> {out / REPORT_NAME}")
     if report["violations"]:
         print(f"lp-audit: {report['violations']} certified samples changed their top-1: the audit is wrong",
               file=sys.stderr)

@@ -26,6 +26,7 @@ from lp_lightning.callbacks.audit_support import (
     rng_preserved,
 )
 from lp_lightning.io import write_json
+from lp_lightning.precision.labels import model_label, precision_label
 
 __all__ = ["ToleranceAudit", "reference_copy", "rng_preserved"]
 
@@ -157,7 +158,8 @@ class ToleranceAudit(Callback):
             self._epochs_written.add(trainer.current_epoch)
             write_json(stem.with_suffix(".json"), report)
             if self.plot:  # rendered on one background thread; all PNGs are written when fit returns
-                title = f"epoch {trainer.current_epoch}: {report['low_precision']} vs {self.reference}"
+                title = (f"{model_label(pl_module)} {precision_label(trainer.precision_plugin)}, epoch "
+                         f"{trainer.current_epoch}: vs {self.reference}")
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tolerance-audit-plot")
                 self._plots.append(self._pool.submit(self._render, comparison, stem.with_suffix(".png"), title))

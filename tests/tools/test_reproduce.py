@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+
 from lp_lightning.tools.bench import reproduce
 
 
@@ -35,3 +37,11 @@ def test_a_selection_without_cnn_or_mlp_has_no_lemma1_step() -> None:
     assert reproduce.plan(args)["lemma1"] == []
     assert reproduce.run_lemma1([], Path("img"), ["fp16"]) == {"rows": []}
     assert reproduce.run_lemma1(["--models", "mlp"], Path("img"), []) == {"rows": []}  # only fp32: nothing to audit
+
+
+def test_the_page_goes_to_outputs_unless_write_docs() -> None:
+    assert reproduce.parse_args(["--quick"]).out_dir == Path("outputs/reproduction")  # under the current directory
+    assert reproduce.parse_args(["--quick", "--write-docs"]).out_dir == reproduce.REPO_DOCS
+    assert Path(__file__).resolve().parents[2] / "docs" == reproduce.REPO_DOCS
+    with pytest.raises(SystemExit):  # one or the other
+        reproduce.parse_args(["--write-docs", "--out-dir", "x"])

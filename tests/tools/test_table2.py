@@ -72,3 +72,10 @@ def test_finished_runs_with_other_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"1 finished run\(s\).*trained with other settings.*trainer.max_epochs "
                                          r"was 1, asked 3"):
         table2.main([*args, "--epochs", "3"])
+
+
+def test_no_train_with_nothing_to_read_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit, match=r"^table2: no finished run under .* nothing to tabulate \(train them "
+                                         r"without --no-train\)$"):
+        table2.main(["--no-train", "--root", str(tmp_path), "--models", "mlp", "--precisions", "fp32", "--seeds", "0"])
+    assert capsys.readouterr().out == ""  # no tables of dashes

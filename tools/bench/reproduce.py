@@ -1,7 +1,11 @@
-"""Regenerate docs/REPRODUCTION.md: the papers' claims measured with lp_lightning, with plots.
+"""The reproduction page: the papers' claims measured with lp_lightning, with plots.
 
-    python -m lp_lightning.tools.bench.reproduce            # everything (well under 90 min on 2 cores)
-    python -m lp_lightning.tools.bench.reproduce --quick    # 1 seed, fewer epochs (under 10 min)
+    python -m lp_lightning.tools.bench.reproduce                 # everything (well under 90 min on 2 cores)
+    python -m lp_lightning.tools.bench.reproduce --quick         # 1 seed, fewer epochs (under 10 min)
+    python -m lp_lightning.tools.bench.reproduce --write-docs    # regenerate the committed docs/REPRODUCTION.md
+
+Writes ``REPRODUCTION.md``, ``reproduction.json`` and ``img/*.png`` into ``--out-dir`` (default
+``outputs/reproduction`` under the current directory); only ``--write-docs`` writes into the repository's docs/.
 
 Runs the benchmarks of tools/bench (table2, table3, lemma1, export, half_speed) through their ``main``
 functions, keeps their raw results in ``<out-dir>/reproduction.json`` and writes the page and its PNGs.
@@ -35,6 +39,7 @@ from lp_lightning.tools.bench import half_speed, lemma1, table2, table3
 ALL_PRECISIONS = ["fp32", "fp16", "bf16", "fp16_mixed", "bf16_mixed", "fp8", "int8", "int4w"]
 FP8_MODELS = ("mlp", "vit")  # the cnn has no Linear layer FP8 can take (only its skipped head)
 REPO_DOCS = Path(__file__).resolve().parents[2] / "docs"  # tools/bench/ -> the repository's docs/
+DEFAULT_OUT = Path("outputs/reproduction")
 PLOTS_SHOWN = {("cnn", "fp16"), ("cnn", "int4w"), ("mlp", "fp8"), ("mlp", "int8")}
 PAPER_TABLE2 = ("Paper (CIFAR-10, 50 seeds, RTX 4080): mean accuracy difference FP16-FP32 = -0.2 pt, "
                 "FP16-MP = -0.2 pt; speedup FP32/FP16 = 1.6x, MP/FP16 = 1.3x.")
@@ -220,17 +225,25 @@ interleaved round by round in one run.
 """
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``out_dir`` is outputs/reproduction unless ``--out-dir`` or ``--write-docs``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, fewer eps and models")
-    parser.add_argument("--out-dir", type=Path, default=REPO_DOCS, help="where the page and its PNGs go")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="where the page and its PNGs go")
+    where.add_argument("--write-docs", action="store_const", const=REPO_DOCS, dest="out_dir",
+                       help=f"write into the repository's docs/ ({REPO_DOCS})")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--models", nargs="+", default=None, choices=["mlp", "cnn", "vit"])
     parser.add_argument("--precisions", nargs="+", default=ALL_PRECISIONS, choices=ALL_PRECISIONS)
     parser.add_argument("--jobs", type=int, default=2, help="parallel training runs in table 2")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
     given = shlex.join(sys.argv[1:] if argv is None else argv)
     command = f"python -m lp_lightning.tools.bench.reproduce {given}".strip()
     argvs = plan(args)

@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if stale:  # a finished run stands for the requested one only if it was trained with the same settings
         raise SystemExit(f"table2: {len(stale)} finished run(s) under {str(args.root)!r} were trained with other "
                          f"settings, e.g. {stale[0]}; use another --root (or remove them)")
+    if args.no_train and not results:
+        raise SystemExit(f"table2: no finished run under {str(args.root)!r} for models {args.models}, precisions "
+                         f"{args.precisions}, seeds {args.seeds}: nothing to tabulate (train them without --no-train)")
     if todo:
         print(f"{len(plan) - len(todo)} finished runs read, {len(todo)} to train", flush=True)
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
