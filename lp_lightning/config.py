@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -103,22 +102,24 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
 
 
 def model_extras(model_cfg: DictConfig, extras: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``extras`` (lp-train's ``input_shape``, ``num_classes``, ``optimizer``, ``data``) that the model's
-    ``_target_`` takes by name and its config does not set; None values are left out. A user's own model thus
-    gets only its own arguments (and keeps foreign keys out of its hyperparameters)."""
-    params = _parameters(str(model_cfg.get("_target_", "")))
-    return {k: v for k, v in extras.items() if k in params and k not in model_cfg and v is not None}
+    """The ``extras`` (lp-train's ``input_shape``, ``num_classes``, ``optimizer``, ``data``) for the built-in
+    Classifier (or a subclass of it), less those its config sets; None values are left out. Any other model gets
+    only its own arguments: an argument of the same name (say ``optimizer: str``) means something else there."""
+    from lp_lightning.models.classifier import Classifier
+
+    cls = _target_class(str(model_cfg.get("_target_", "")))
+    if not (isinstance(cls, type) and issubclass(cls, Classifier)):
+        return {}
+    return {k: v for k, v in extras.items() if k not in model_cfg and v is not None}
 
 
-def _parameters(target: str) -> set[str]:
-    """Names a ``_target_`` callable takes as keywords; empty when it does not import (instantiate says why)."""
+def _target_class(target: str) -> Any:
+    """The object a ``_target_`` names; None when it does not import (instantiate then says why)."""
     module_name, _, name = target.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module_name), name)
-        params = inspect.signature(obj).parameters.values()
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return set()
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def data_name(datamodule: object) -> str:

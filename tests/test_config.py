@@ -113,9 +113,11 @@ EXTRAS = {"input_shape": [1, 8, 8], "num_classes": 10, "optimizer": {"name": "sg
     ({"_target_": "lp_lightning.models.Classifier", "num_classes": 3}, {k: v for k, v in EXTRAS.items()
                                                                        if k != "num_classes"}),  # set: kept
     ({"_target_": "tests.user_pkg.models.TinyResNet", "width": 8}, {}),  # a user's model: its own arguments only
+    # even when one has the same name as an extra (TinyResNet's optimizer is "sgd" | "adamw", not our group)
+    ({"_target_": "tests.user_pkg.models.TinyResNet", "optimizer": "adamw"}, {}),
     ({"_target_": "tests.user_pkg.nope.Model"}, {}),  # does not import: instantiate says why
 ])
-def test_model_extras_go_only_to_a_model_that_takes_them(model: dict, want: dict) -> None:
+def test_model_extras_go_only_to_the_builtin_classifier(model: dict, want: dict) -> None:
     assert model_extras(OmegaConf.create(model), {**EXTRAS, "unused": None}) == want
 
 
