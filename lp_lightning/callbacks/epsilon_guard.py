@@ -22,7 +22,7 @@ from lp_lightning.audit.epsilon import (
 )
 
 ACTIONS = ("warn", "raise", "fix")
-# Run-time thresholds (documented in the README's numerical-safety section); crossing one warns once per metric.
+# Run-time thresholds (documented in docs/safety.md); crossing one warns once per metric.
 THRESHOLDS: dict[str, float] = {
     # >95% of moving entries have v == 0: nearly all squared gradients underflow (pure fp16 Adam with a
     # safe eps sits at ~50-80% on digits; those entries step by m / eps, which the safe eps bounds)

@@ -55,7 +55,7 @@ class FakeQuantPrecision(Precision):
             ``conf/precision/int4w.yaml`` keeps the cnn stem, the vit patch embedding and the head in float32.
         averaging_constant: weight of each new batch in the observers' moving average (0.1: a ~10-step
             memory that follows growing activations; 0.01 lagged ~2x behind them and lost up to 28 points on
-            a depthwise-separable CNN, README).
+            a depthwise-separable CNN, docs/qat.md).
         bn_recalibration: when the model has BatchNorm layers, attach a
             :class:`~lp_lightning.callbacks.BatchNormRecalibration` over this many training batches to the
             Trainer (unless one is attached already): BN statistics are re-estimated with the current weights

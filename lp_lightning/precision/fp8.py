@@ -106,7 +106,7 @@ class Float8Precision(Precision):
         compute_dtype: dtype of the weights and of every op outside the FP8 matmuls: ``"bfloat16"``,
             ``"float32"`` or ``"auto"``: bfloat16 with real FP8 kernels, float32 when emulating (the
             emulated FP8 matmul runs in float32 anyway, and CPUs without native bf16 matmul run the
-            remaining ops several times slower in bfloat16; see the README's FP8 section).
+            remaining ops several times slower in bfloat16; see docs/fp8.md).
 
     Linear layers whose in/out features are not multiples of 16 (what FP8 kernels need) stay in
     ``compute_dtype``; the converted names are in ``converted_layers``. Checkpoints hold ordinary weights.

@@ -77,7 +77,7 @@ def build(model: str, seed: int, lr_scale: float = 1.0) -> tuple[L.LightningModu
         if model == "cnn":  # lp-train's default optimizer, no schedule
             net = Classifier(net="cnn", input_shape=[1, 8, 8], num_classes=10,
                              optimizer={"name": "sgd", "lr": 0.05 * lr_scale, "momentum": 0.9})
-        else:  # conf/model/vit.yaml with the README's AdamW (eps 1e-3) and cosine schedule
+        else:  # conf/model/vit.yaml with docs/pure16.md's AdamW (eps 1e-3) and cosine schedule
             net = Classifier(net="vit", input_shape=[1, 8, 8], num_classes=10, net_kwargs=VIT,
                              optimizer={"name": "adamw", "lr": 3e-3 * lr_scale, "eps": 1e-3, "weight_decay": 0.01},
                              scheduler={"name": "cosine"})

@@ -180,7 +180,7 @@ onnx {info['onnx']}, onnxruntime {info['onnxruntime']}, onnxscript {info['onnxsc
 
 `lp-train precision=<p> model=<m> optimizer=sgd seed=<s>` for every mlp and cnn cell (SGD momentum 0.9 as
 in the paper; the vit keeps its AdamW, lr 3e-3, with eps=1e-3, safe in fp16: with SGD and gradient clipping
-the README measures fp16 -0.3 and bf16 -4.1 points). fp16/bf16 are PureHalfPrecision with `compute=auto`,
+docs/pure16.md measures it). fp16/bf16 are PureHalfPrecision with `compute=auto`,
 i.e. 16-bit storage with fp32-accumulated matrix products on this CPU; fp16_mixed runs as bf16 autocast on
 a CPU; fp8 is torchao emulation, only on the nets with Linear layers it can take. Time per epoch comes from
 separate runs ({runs}), so it moves with the machine's load; section 5 measures step times side by side.

@@ -10,7 +10,7 @@ requested SETTINGS; otherwise the sweep stops and names it.
 Every run goes through ``lp_lightning.train.run`` with the composed ``lp-train`` config
 (``precision=<p> model=<m> optimizer=sgd seed=<s>``, SGD momentum 0.9 as in the paper; the vit keeps its AdamW
 with ``eps=1e-3``, above the fp16-safe epsilon 2**-12 of EpsilonGuard: with SGD it needs ``--vit-clip 1.0``
-and pure bf16 loses 4 points, see the README), writing
+and pure bf16 loses 4 points with round-to-nearest updates, see docs/pure16.md), writing
 ``<root>/<model>/<precision>/seed<s>/metrics.json``. Finished runs are read back,
 not re-run, so an interrupted sweep resumes and ``--no-train`` only tabulates. Prints markdown tables
 of test accuracy (mean +- std over seeds), the difference to fp32 in points, and time per epoch.
