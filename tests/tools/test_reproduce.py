@@ -16,7 +16,8 @@ def test_quick_reproduction_writes_every_section(tmp_path: Path) -> None:
     page = reproduce.main(["--quick", "--models", "mlp", "--precisions", "fp32", "fp16", "--epochs", "1",
                            "--seeds", "0", "--jobs", "1", "--out-dir", str(out)])
     text = page.read_text()
-    for heading in ("## 1. Table 2", "## 2. Table 3", "## 3. Lemma 1", "## 4. Export", "## 5. Pure 16-bit"):
+    for heading in ("## 1. Table 2", "## 2. Table 3", "## 3. Lemma 1", "## 4. Export", "## 5. Pure 16-bit",
+                    "## 6. Pure 16-bit updates", "## 7. QAT fine-tuned"):
         assert heading in text
     assert "python -m lp_lightning.tools.bench.reproduce --quick" in text
     raw = json.loads((out / "reproduction.json").read_text())
@@ -30,6 +31,11 @@ def test_quick_reproduction_writes_every_section(tmp_path: Path) -> None:
     export_row = raw["results"]["export"]["rows"][0]
     assert export_row["model"] == "mlp" and export_row["int8_size_x"] < 1.0
     assert raw["results"]["speed"]["memory"][0]["fp16_ratio"] == 0.5
+    pure16 = raw["results"]["pure16"]["accuracy"]["mlp"]["sgd"]
+    assert set(pure16) == {"fp32", "bf16 nearest", "bf16 default"} and all(len(v) == 1 for v in pure16.values())
+    assert "| mlp | sgd |" in text and "bf16 default" in text
+    finetune = raw["results"]["finetune"]["accuracy"]["mlp"]
+    assert set(finetune) == {"fp32", "int8 scratch", "int8 finetune", "int4w scratch", "int4w finetune"}
 
 
 def test_a_selection_without_cnn_or_mlp_has_no_lemma1_step() -> None:

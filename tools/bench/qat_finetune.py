@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table(results))
     if args.out:
         write_json(args.out, {"seeds": args.seeds, "threads": args.threads, "accuracy": results})
-    return results
+    return {"accuracy": results, "markdown": table(results), "seeds": args.seeds, "threads": args.threads}
 
 
 if __name__ == "__main__":

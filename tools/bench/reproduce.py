@@ -34,7 +34,7 @@ import torch
 
 from lp_lightning.io import atomic_write, write_json
 from lp_lightning.tools.bench import export as export_bench
-from lp_lightning.tools.bench import half_speed, lemma1, table2, table3
+from lp_lightning.tools.bench import half_speed, lemma1, pure16, qat_finetune, table2, table3
 
 ALL_PRECISIONS = ["fp32", "fp16", "bf16", "fp16_mixed", "bf16_mixed", "fp8", "int8", "int4w"]
 FP8_MODELS = ("mlp", "vit")  # the cnn has no Linear layer FP8 can take (only its skipped head)
@@ -59,7 +59,7 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
     epochs = args.epochs or (3 if quick else None)
     ep = ["--epochs", str(epochs)] if epochs else []
     models = args.models or ["mlp", "cnn", "vit"]
-    speed_models = [m for m in ("mlp", "cnn") if m in models] or ["mlp"]
+    speed_models = [m for m in ("mlp", "cnn", "vit") if m in models and not (quick and m == "vit")] or ["mlp"]
     lemma_models = [m for m in ("cnn", "mlp") if m in models]
     return {
         "table2": ["--seeds", *seeds, *ep, "--jobs", str(args.jobs), "--threads", str(table2_threads(args.jobs))],
@@ -70,7 +70,23 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
                    "--iters", "30" if quick else "200"],
         "speed": ["--models", *speed_models, "--threads", "1",  # one thread: ratios, not the other core's load
                   *(["--rounds", "2", "--steps", "3"] if quick else [])],
+        # pure 16-bit nearest vs defaults (3 seeds; quick: mlp, SGD, bf16 only); the TinyResNet test model
+        # when the repository's tests package is importable
+        "pure16": (["--models", "mlp", "--optimizers", "sgd", "--variants", "fp32", "bf16 nearest", "bf16 default",
+                    "--seeds", "0", "--epochs", str(epochs or 3)] if quick else
+                   ["--models", *models, *(["resnet"] if _has_test_models() else []), "--seeds", "0", "1", "2"]),
+        "finetune": ["--models", *(["mlp"] if quick else ["cnn"]), "--seeds", *(["0"] if quick else ["0", "1", "2"]),
+                     *(["--epochs", str(epochs or 3)] if quick else [])],
     }
+
+
+def _has_test_models() -> bool:
+    """Whether the repository's tests package (with its user package) is importable."""
+    try:
+        import tests.user_pkg.models  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def run_lemma1(argv: list[str], img: Path, precisions: list[str]) -> dict[str, Any]:
@@ -222,6 +238,25 @@ interleaved round by round in one run.
 ```
 {results['speed']['text'].strip()}
 ```
+
+## 6. Pure 16-bit updates and norm statistics over seeds (SGD and AdamW)
+
+Test accuracy %, mean over seeds {results['pure16']['seeds']} (difference to fp32 in points), worst seed;
+{results['pure16']['threads']} thread per run. "nearest": `update=nearest norm_stats=16bit` (in-place 16-bit
+steps and 16-bit BatchNorm statistics, as Lightning's 16-true/bf16-true); "default": `PureHalfPrecision`'s
+defaults (the optimizer step on fp32 copies, stochastically rounded back; BatchNorm statistics in fp32). SGD:
+lr 0.05, momentum 0.9 (the vit: gradient clipping 1.0, 25 epochs); AdamW: eps 1e-3 (the vit: lr 3e-3).
+`resnet` is the tests' TinyResNet (BatchNorm, residual adds, depthwise convolutions) on its own DataModule.
+
+{results['pure16']['markdown']}
+
+## 7. QAT fine-tuned from fp32 vs QAT from scratch
+
+`lp-train precision=int8 init_from=<the fp32 run's best.ckpt>` (weights only, 0.1x the lr, 4 epochs) against
+QAT from scratch for the fp32 run's epochs; SGD momentum 0.9; seeds {results['finetune']['seeds']};
+{results['finetune']['threads']} thread per run. Test accuracy %, mean (difference to fp32), worst seed.
+
+{results['finetune']['markdown']}
 """
 
 
@@ -259,6 +294,8 @@ def main(argv: list[str] | None = None) -> Path:
             "lemma1": lambda: run_lemma1(argvs["lemma1"], img, [p for p in args.precisions if p != "fp32"]),
             "export": lambda: export_bench_json(argvs["export"], work),
             "speed": lambda: half_speed.main(argvs["speed"]),
+            "pure16": lambda: pure16.main([*argvs["pure16"], "--root", str(work / "pure16")]),
+            "finetune": lambda: qat_finetune.main([*argvs["finetune"], "--root", str(work / "finetune")]),
         }
         for name, step in steps.items():
             print(f"== reproduce: {name} ({' '.join(argvs[name])})", flush=True)
