@@ -33,9 +33,9 @@ _REFUSED = {LBFGS: "it re-evaluates the closure inside step()", SparseAdam: "it 
 
 
 def check_update(update: str) -> str:
-    """``update`` if allowed, else ValueError naming the allowed values."""
+    """``update`` if allowed, else ValueError naming the allowed values (``"auto"`` is resolved by the plugin)."""
     if update not in UPDATES:
-        raise ValueError(f"update={update!r} is not supported; allowed: {list(UPDATES)}")
+        raise ValueError(f"update={update!r} is not supported; allowed: {['auto', *UPDATES]}")
     return update
 
 

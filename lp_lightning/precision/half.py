@@ -61,11 +61,13 @@ class PureHalfPrecision(HalfPrecision):
             (real steps) and the fastest is kept (rank 0's choice in DDP); without such units
             ``fp32_accumulate``. The choice and the times are logged once.
         init_scale, growth_factor, backoff_factor, growth_interval: settings of the dynamic scale.
-        update: how a step's result is written into the 16-bit parameters: ``"stochastic"`` (default) or
-            ``"kahan"`` run ``optimizer.step()`` on fp32 copies of the parameters, gradients and state, then round
-            back stochastically or with a 16-bit Kahan compensation buffer, so updates below half an ulp are not
-            lost; ``"nearest"`` steps the 16-bit tensors in place (Lightning's ``bf16-true``). Any
-            ``torch.optim`` optimizer but LBFGS/SparseAdam; see ``fp32_step``.
+        update: how a step's result is written into the 16-bit parameters. ``"stochastic"`` and ``"kahan"`` run
+            ``optimizer.step()`` on fp32 copies of the parameters, gradients and state, then round back
+            stochastically or with a 16-bit Kahan compensation buffer, so updates below half an ulp are not
+            lost; ``"nearest"`` steps the 16-bit tensors in place (Lightning's ``bf16-true``). ``"auto"``
+            (default): ``"kahan"`` for float16, ``"stochastic"`` for bfloat16, the better of the two for each
+            dtype over 3 seeds of the vit with SGD (docs/pure16.md). Any ``torch.optim`` optimizer but
+            LBFGS/SparseAdam; see ``fp32_step``.
         norm_stats: ``"float32"`` (default) keeps the running mean/var of BatchNorm/SyncBatchNorm/InstanceNorm in
             fp32 (a 16-bit running statistic freezes); ``"16bit"`` casts them like everything else.
     """
@@ -74,7 +76,7 @@ class PureHalfPrecision(HalfPrecision):
 
     def __init__(self, dtype: str | torch.dtype = "float16", loss_scale: float | str | None = None,
                  compute: str = "auto", init_scale: float = 2.0**16, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000, update: str = "stochastic",
+                 backoff_factor: float = 0.5, growth_interval: int = 2000, update: str = "auto",
                  norm_stats: str = "float32") -> None:
         self.compute_dtype: torch.dtype = parse_dtype(dtype)
         super().__init__(_LIGHTNING_NAMES[self.compute_dtype])  # type: ignore[arg-type]
@@ -84,6 +86,8 @@ class PureHalfPrecision(HalfPrecision):
         self.scaler: LossScaler | None = _make_scaler(loss_scale, init_scale, growth_factor, backoff_factor,
                                                       growth_interval)
         self.norm_stats = check_norm_stats(norm_stats)
+        if update == "auto":  # fp16 keeps 10 mantissa bits: a compensation buffer beats rounding noise there
+            update = "kahan" if self.compute_dtype == torch.float16 else "stochastic"
         self.fp32_step = Fp32Step(update, self.compute_dtype)
         self._trial: ComputeTrial | None = None
         self._evaluated = False  # an evaluation step ran since the last training step (not a mode's time)
