@@ -18,6 +18,7 @@ from lp_lightning.audit.overflow import STAT_KEYS, tensor_stats_raw
 from lp_lightning.audit.update_report import UpdateTelemetry, plugin_loss_scale, plugin_update_rounding
 from lp_lightning.audit.updates import RunningStatsProbe, UpdateProbe, buffer_dtype, running_stat_modules
 from lp_lightning.io import atomic_path, write_json
+from lp_lightning.precision.labels import model_label, precision_label
 
 KINDS = ("act", "grad")
 HEATMAP_FILE = "numerics_heatmap.png"
@@ -249,7 +250,10 @@ class NumericsMonitor(Callback):
         # lost updates and norm statistics are rank 0's own (DDP keeps the weights identical on every rank)
         write_json(out / SUMMARY_FILE, {"steps": self.steps, "layers": summary, **self.telemetry.report()})
         if self.heatmap:
-            write_heatmap(out / HEATMAP_FILE, data, self.layers, self.steps)
+            epochs = trainer.current_epoch  # at fit end: the number of epochs trained
+            title = (f"{model_label(pl_module)} {precision_label(trainer.precision_plugin)}, "
+                     f"{epochs} epoch{'s' if epochs != 1 else ''}")
+            write_heatmap(out / HEATMAP_FILE, data, self.layers, self.steps, title)
 
     def _gathered(self, trainer: L.Trainer) -> Tensor:
         """(steps, layers, kinds, stats) combined over ranks: nonfinite summed, shares averaged, amax max."""
@@ -307,8 +311,9 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_heatmap(path: Path, data: Tensor, layers: list[str], steps: list[int]) -> Path:
-    """PNG with one layers x steps panel per (kind, stat): log10 amax and underflow share (Agg, atomic)."""
+def write_heatmap(path: Path, data: Tensor, layers: list[str], steps: list[int], title: str = "") -> Path:
+    """PNG with one layers x steps panel per (kind, stat): log10 amax and underflow share (Agg, atomic), under
+    ``title`` (model, precision and epochs)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -317,7 +322,7 @@ def write_heatmap(path: Path, data: Tensor, layers: list[str], steps: list[int])
     height = 2 + 0.35 * len(layers)
     fig = Figure(figsize=(12, height))
     FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=0.2, right=0.98, bottom=0.9 / height, top=1 - 0.45 / height, hspace=0.5,
+    fig.subplots_adjust(left=0.2, right=0.98, bottom=0.9 / height, top=1 - 0.75 / height, hspace=0.5,
                         wspace=0.12)
     for ax, (kind, stat, title) in zip(fig.subplots(2, 2, sharey=True).flat, panels, strict=True):
         values = data[:, :, KINDS.index(kind), stat].T  # layers x steps
@@ -330,6 +335,8 @@ def write_heatmap(path: Path, data: Tensor, layers: list[str], steps: list[int])
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
         ax.set_xlabel("step")
         fig.colorbar(image, ax=ax)
+    if title:
+        fig.suptitle(title, fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     return Path(path)

@@ -170,3 +170,16 @@ def test_layers_swapped_by_a_precision_plugin_are_monitored(plugin: str, tmp_pat
                    limit_train_batches=2, limit_val_batches=1)
     layer = monitor.summary()["net.features.1"]
     assert layer["act_amax"] > 0 and layer["grad_amax"] > 0  # the hooks sat on the swapped layer
+
+
+def test_heatmap_title_names_model_precision_and_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lp_lightning.callbacks import numerics_monitor
+
+    titles: list[str] = []
+    write = numerics_monitor.write_heatmap
+    monkeypatch.setattr(numerics_monitor, "write_heatmap",
+                        lambda path, *args: (titles.append(args[-1]), write(path, *args))[1])
+    fit_classifier(tmp_path, net="mlp", epochs=2, plugins=[PureHalfPrecision("bfloat16")],
+                   callbacks=[NumericsMonitor(every_n_steps=5)], limit_train_batches=5)
+    assert titles == ["mlp bf16, 2 epochs"]
+    assert matplotlib.image.imread(tmp_path / HEATMAP_FILE).shape[0] > 100
