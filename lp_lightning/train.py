@@ -171,8 +171,9 @@ def check_resumable(ckpt: dict[str, Any], model: L.LightningModule, path: str, p
         if saved != built:
             raise CheckpointError(f"resume checkpoint {path!r} was trained as {saved}, but this run builds {built}; "
                                   f"resume with the model and data config of that run")
-        was, now = (hparams.get("optimizer") or {}).get("name"), (built_hparams.get("optimizer") or {}).get("name")
-        if classifier and was != now:
+        was = (hparams.get("optimizer") or {}).get("name") if classifier else None
+        now = (built_hparams.get("optimizer") or {}).get("name") if classifier else None
+        if was != now:
             raise CheckpointError(f"resume checkpoint {path!r} was trained with optimizer={was}, this run uses "
                                   f"optimizer={now}; resume with optimizer={was}")
     qat = {type(p).__name__: p for p in plugins or [] if type(p).__name__ in STRUCTURAL_PLUGINS}

@@ -134,5 +134,5 @@ if __name__ == "__main__":
 
 def test_ddp_ranks_take_rank_zeros_choice(tmp_path) -> None:
     proc = run_ddp_script(DDP_BODY, tmp_path)
-    lines = re.findall(r"RANK (\d) choice=(\S+) same=(\w+)", proc.stdout)
+    lines = re.findall(r"RANK (\d) choice=(\w+) same=(True|False)", proc.stdout)  # the ranks' lines may interleave
     assert sorted(lines) == [("0", "native", "True"), ("1", "native", "True")], proc.stdout
