@@ -14,13 +14,12 @@ behaviour) and with the defaults. SGD: lr 0.05, momentum 0.9 (the vit: gradient 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
-from lp_lightning.io import write_json
+from lp_lightning.tools.bench.sweep_runs import report, run_accuracy
 from lp_lightning.tools.bench.threads import torch_threads
 
 VARIANTS = {
@@ -53,20 +52,6 @@ def model_overrides(model: str, optimizer: str) -> list[str]:
     return out
 
 
-def accuracy(root: Path, overrides: list[str], name: str) -> float:
-    """Test accuracy of one run (read back when ``root/metrics.json`` exists)."""
-    metrics = root / "metrics.json"
-    if not metrics.exists():
-        from lp_lightning.config import compose_config
-        from lp_lightning.train import run
-
-        run(compose_config("train", [*overrides, "trainer.enable_progress_bar=false"]), root, name)
-    saved = json.loads(metrics.read_text())
-    test = saved.get("test") or {}
-    value = saved.get("test_acc") if saved.get("test_acc") is not None else test.get("test_acc")
-    return float(value)
-
-
 def sweep(models: list[str], optimizers: list[str], variants: list[str], seeds: list[int], root: Path,
           epochs: int | None = None) -> dict[str, dict[str, dict[str, list[float]]]]:
     """``{model: {optimizer: {variant: [accuracy per seed]}}}`` (``epochs``: override every run's epochs)."""
@@ -77,7 +62,7 @@ def sweep(models: list[str], optimizers: list[str], variants: list[str], seeds: 
             for variant in variants:
                 for seed in seeds:
                     where = root / model / opt / variant.replace(" ", "_") / f"seed{seed}"
-                    acc = accuracy(where, [*model_overrides(model, opt), *VARIANTS[variant], f"seed={seed}", *ep],
+                    acc = run_accuracy(where, [*model_overrides(model, opt), *VARIANTS[variant], f"seed={seed}", *ep],
                                    variant.split()[0])
                     out.setdefault(model, {}).setdefault(opt, {}).setdefault(variant, []).append(acc)
     return out
@@ -115,12 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     with torch_threads(args.threads):
         results = sweep(args.models, args.optimizers, args.variants, args.seeds, args.root, args.epochs)
-    print(f"Test accuracy %, mean over seeds {args.seeds} (difference to fp32 in points), worst seed; "
-          f"{args.threads} thread(s)\n")
-    print(table(results))
-    if args.out:
-        write_json(args.out, {"seeds": args.seeds, "threads": args.threads, "accuracy": results})
-    return {"accuracy": results, "markdown": table(results), "seeds": args.seeds, "threads": args.threads}
+    return report(results, table, args.seeds, args.threads, args.out)
 
 
 if __name__ == "__main__":

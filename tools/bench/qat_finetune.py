@@ -11,27 +11,15 @@ Prints a markdown table of test accuracy (mean, worst seed) and the difference t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
-from lp_lightning.io import write_json
+from lp_lightning.tools.bench.sweep_runs import report, run_accuracy
 from lp_lightning.tools.bench.threads import torch_threads
 
 ROWS = ("fp32", "int8 scratch", "int8 finetune", "int4w scratch", "int4w finetune")
-
-
-def _run(root: Path, overrides: list[str], precision: str) -> float:
-    """Test accuracy of one lp-train run (read back when ``root/metrics.json`` exists)."""
-    metrics = root / "metrics.json"
-    if not metrics.exists():
-        from lp_lightning.config import compose_config
-        from lp_lightning.train import run
-
-        run(compose_config("train", [*overrides, "trainer.enable_progress_bar=false"]), root, precision)
-    return float(json.loads(metrics.read_text())["test_acc"])
 
 
 def sweep(model: str, seeds: list[int], root: Path, epochs: int | None) -> dict[str, list[float]]:
@@ -41,12 +29,12 @@ def sweep(model: str, seeds: list[int], root: Path, epochs: int | None) -> dict[
     for seed in seeds:
         base = [f"model={model}", "optimizer=sgd", f"seed={seed}", *ep]
         fp32_dir = root / model / "fp32" / f"seed{seed}"
-        acc["fp32"].append(_run(fp32_dir, [*base, "precision=fp32"], "fp32"))
+        acc["fp32"].append(run_accuracy(fp32_dir, [*base, "precision=fp32"], "fp32"))
         best = fp32_dir / "checkpoints" / "best.ckpt"
         for precision in ("int8", "int4w"):
-            acc[f"{precision} scratch"].append(_run(root / model / precision / f"seed{seed}",
+            acc[f"{precision} scratch"].append(run_accuracy(root / model / precision / f"seed{seed}",
                                                     [*base, f"precision={precision}"], precision))
-            acc[f"{precision} finetune"].append(_run(root / model / f"{precision}_finetune" / f"seed{seed}",
+            acc[f"{precision} finetune"].append(run_accuracy(root / model / f"{precision}_finetune" / f"seed{seed}",
                                                      [*base, f"precision={precision}", f"init_from={best}"],
                                                      precision))
     return acc
@@ -77,12 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     with torch_threads(args.threads):
         results = {m: sweep(m, args.seeds, args.root, args.epochs) for m in args.models}
-    print(f"Test accuracy %, mean over seeds {args.seeds} (difference to fp32 in points), worst seed; "
-          f"{args.threads} thread(s)\n")
-    print(table(results))
-    if args.out:
-        write_json(args.out, {"seeds": args.seeds, "threads": args.threads, "accuracy": results})
-    return {"accuracy": results, "markdown": table(results), "seeds": args.seeds, "threads": args.threads}
+    return report(results, table, args.seeds, args.threads, args.out)
 
 
 if __name__ == "__main__":
