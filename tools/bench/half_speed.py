@@ -3,7 +3,8 @@
     python -m lp_lightning.tools.bench.half_speed --models mlp cnn --rounds 5 --threads 1 --out half_speed.json
 
 Memory: bytes after one Lightning step in fp32 and in pure fp16/bf16 (same model, same optimizer; the default
-stochastic-rounding update, and bf16 with update="kahan"/"nearest") and their ratio, plus the extra bytes of
+update="auto": kahan for fp16, stochastic rounding for bf16; and bf16 with update="kahan"/"nearest") and
+their ratio, plus the extra bytes of
 fp32 norm running statistics and the fp32 stand-ins alive only inside the optimizer step.
 Speed: min and median step time (forward + backward + optimizer step, by a callback) of
 fp32, Lightning's "16-true"/"bf16-true", PureHalfPrecision compute="native", "native_fp32_attention",
@@ -99,8 +100,9 @@ def fit_steps(net: str, optimizer: dict[str, Any], steps: int, batch_size: int, 
 
 def memory(net: str, opt_name: str, accelerator: str, sync: Callable[[], None]) -> dict[str, Any]:
     """Bytes of parameters, gradients and optimizer state after one step: fp32 vs pure fp16/bf16 with the default
-    stochastic-rounding update, with ``update="kahan"`` (a 16-bit compensation buffer per parameter, in the
-    optimizer state) and with ``update="nearest"``; and the extra bytes of fp32 norm running statistics."""
+    update (fp16: kahan, bf16: stochastic rounding), bf16 with ``update="kahan"`` (a 16-bit compensation buffer
+    per parameter, in the optimizer state) and with ``update="nearest"``; and the extra bytes of fp32 norm
+    running statistics."""
     row: dict[str, Any] = {"model": net, "optimizer": opt_name}
     variants = {"fp32": {}, "fp16": {"plugins": [PureHalfPrecision("float16")]},
                 "bf16": {"plugins": [PureHalfPrecision("bfloat16")]},
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"| {r['bf16_nearest_ratio']:.4f} | {r['norm_stats_extra_bytes']:,} | {r['step_transient_bytes']:,} |")
     counters = ", ".join(f"{r['model']} {r['fp16_step_counter_bytes']} B" for r in mem if r["fp16_step_counter_bytes"])
     print("(params + grads + optimizer state; Adam's step counters, 4-byte fp32 scalars in every precision, are "
-          f"left out: {counters or 'none'}. fp16/bf16: the default update='stochastic'; kahan adds a 16-bit "
+          f"left out: {counters or 'none'}. fp16/bf16: the default update='auto' (fp16: kahan, bf16: "
+          "stochastic); kahan adds a 16-bit "
           "compensation buffer per parameter. Norm stats: BatchNorm's fp32 running mean/var over 16-bit ones. "
           "Step transient: the fp32 stand-ins (params, grads, state) alive only inside optimizer.step)\n")
     result: dict[str, Any] = {"info": info, "memory": mem, "speed": []}

@@ -182,6 +182,8 @@ Every number on this page was produced by one command on the machine below:
 {command}
 ```
 
+Runs found finished under `--work-dir` (a `metrics.json` per run folder, written by the same benchmarks) are
+read back, not retrained, so a section can take seconds.
 Generated {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}; sections took
 {", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())} (total {sum(seconds.values()) / 60:.1f} min).
 Data: scikit-learn's bundled handwritten digits (1797 8x8 images; split 1257 train / 270 val / 270 test),
@@ -244,7 +246,8 @@ interleaved round by round in one run.
 Test accuracy %, mean over seeds {results['pure16']['seeds']} (difference to fp32 in points), worst seed;
 {results['pure16']['threads']} thread per run. "nearest": `update=nearest norm_stats=16bit` (in-place 16-bit
 steps and 16-bit BatchNorm statistics, as Lightning's 16-true/bf16-true); "default": `PureHalfPrecision`'s
-defaults (the optimizer step on fp32 copies, stochastically rounded back; BatchNorm statistics in fp32). SGD:
+defaults (the optimizer step on fp32 copies, rounded back with a Kahan buffer for fp16 and stochastically for
+bf16; BatchNorm statistics in fp32). SGD:
 lr 0.05, momentum 0.9 (the vit: gradient clipping 1.0, 25 epochs); AdamW: eps 1e-3 (the vit: lr 3e-3).
 `resnet` is the tests' TinyResNet (BatchNorm, residual adds, depthwise convolutions) on its own DataModule.
 
