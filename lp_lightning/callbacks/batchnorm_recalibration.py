@@ -53,7 +53,7 @@ class BatchNormRecalibration(Callback):
             return 0
 
         def forward(batch: Any) -> torch.Tensor:
-            return pl_module(move_data_to_device(self.keys.inputs(batch), pl_module.device))
+            return pl_module(move_data_to_device(self._inputs(batch), pl_module.device))
 
         with trainer.precision_plugin.forward_context():
             used = recalibrate_batchnorm(pl_module, loader, self.num_batches, forward)
@@ -62,6 +62,20 @@ class BatchNormRecalibration(Callback):
             rank_zero_info(f"BatchNormRecalibration: BatchNorm statistics re-estimated on {used} batch(es) "
                            f"at step {trainer.global_step}")
         return used
+
+    def _inputs(self, batch: Any) -> torch.Tensor:
+        try:
+            return self.keys.inputs(batch)
+        except ValueError as exc:  # e.g. dict batches and the default input_key
+            raise ValueError(f"BatchNormRecalibration: {exc}. FakeQuantPrecision attaches one with the default "
+                             "keys: pass FakeQuantPrecision(bn_recalibration=None) and callbacks=[BatchNorm"
+                             "Recalibration(input_key=..., input_index=...)] naming your batch's input") from exc
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        """Check the batch keys on the first training batch, not at the first recalibration an epoch later."""
+        if trainer.global_step == 0 and batch_idx == 0 and batchnorm_layers(pl_module):
+            self._inputs(batch)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer.global_step > 0:

@@ -306,7 +306,8 @@ def _attach_bn_recalibration(module: nn.Module, num_batches: int | None) -> None
     if num_batches is None:
         rank_zero_warn(f"FakeQuantPrecision(bn_recalibration=None): BatchNorm layers {sorted(bns)} keep running "
                        "statistics averaged while the weights and ranges moved; they can be stale at the end of "
-                       "training (issue 17: 3 standard deviations). Add lp_lightning.callbacks.BatchNormRecalibration")
+                       "training (measured: 3 standard deviations off on a depthwise-separable CNN). Add "
+                       "lp_lightning.callbacks.BatchNormRecalibration")
         return
     trainer.callbacks.insert(0, BatchNormRecalibration(num_batches))
     rank_zero_info(f"FakeQuantPrecision: attached BatchNormRecalibration({num_batches}) "

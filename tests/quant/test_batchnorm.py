@@ -42,3 +42,29 @@ def test_no_batch_keeps_the_statistics_and_bad_count_is_an_error() -> None:
     assert torch.equal(net[1].running_mean, torch.full((4,), 2.0))
     with pytest.raises(ValueError, match="num_batches=0"):
         recalibrate_batchnorm(net, [], num_batches=0)
+
+
+def test_wrong_batch_keys_are_refused_at_the_first_batch_with_the_fix() -> None:
+    """A dict-batch model with BatchNorm under FakeQuantPrecision: the attached recalibration's default
+    input_key does not fit; refused before the first optimizer step, naming how to pass the key."""
+    import lightning as L
+    from torch import nn
+
+    from lp_lightning.precision import FakeQuantPrecision
+    from tests.user_pkg.data import DigitsRows
+    from tests.user_pkg.models import RowTransformer
+
+    class BNRows(RowTransformer):
+        def __init__(self) -> None:
+            super().__init__(d_model=16)
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, rows):
+            return super().forward(self.bn(rows))
+
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        plugins=[FakeQuantPrecision("int8")])
+    with pytest.raises(ValueError, match=r"input_key='input' is not a key.*bn_recalibration=None.*input_key=\.\.\."):
+        trainer.fit(BNRows(), datamodule=DigitsRows(layout="dict"))
+    assert trainer.global_step == 0
