@@ -1,10 +1,10 @@
 """Per-layer activation-range health during QAT: clipped fraction and range growth, warnings naming the layer.
 
 A range that lags behind its activations clips them at every step (a moving-average observer with a long
-memory on a growing activation: issue 17 measured ~4% of one layer's inputs clipped at every step on bad
-seeds). ``RangeMonitor`` measures, on the steps it is armed for, each layer's fraction of inputs outside its
-representable range and how much its observed range grew since the last measurement, and says once per
-layer when clipping stays above ``warn_above`` for ``patience`` measurements in a row.
+memory on a growing activation: a held-out depthwise-separable CNN showed ~4% of one layer's inputs clipped
+at every step on bad seeds). ``RangeMonitor`` measures, on the steps it is armed for, each layer's fraction of
+inputs outside its representable range and how much its observed range grew since the last measurement, and says once
+per layer when clipping stays above ``warn_above`` for ``patience`` measurements in a row.
 """
 
 from __future__ import annotations
