@@ -80,12 +80,20 @@ def _pick(batch: Any, key: str | None, index: int | None, what: str) -> Tensor:
     return value
 
 
+def is_logits(out: Any, n: int | None = None) -> bool:
+    """Whether ``out`` is (N, C) floating-point class logits with C >= 2 (and N == ``n`` if given)."""
+    return (isinstance(out, Tensor) and out.ndim == 2 and out.shape[1] >= 2 and out.is_floating_point()
+            and (n is None or out.shape[0] == n))
+
+
 def require_logits(out: Any, owner: str, model: Any) -> Tensor:
-    """``out`` if it is (N, C) classification logits with C >= 2; else a one-line ValueError naming ``model``'s
-    class, what it returned and what ``owner`` (the tool) needs."""
-    if isinstance(out, Tensor) and out.ndim == 2 and out.shape[1] >= 2:
+    """``out`` if it is (N, C) classification logits with C >= 2 (:func:`is_logits`); else a one-line ValueError
+    naming ``model``'s class, what it returned and what ``owner`` (the tool) needs."""
+    if is_logits(out):
         return out
     got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+    if isinstance(out, Tensor) and not out.is_floating_point():
+        got += f" and dtype {str(out.dtype).removeprefix('torch.')}"
     hint = (" (a regression output: top-1 agreement and the Lemma-1 certificate do not apply to it)"
             if isinstance(out, Tensor) and (out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1)) else "")
     raise ValueError(f"{owner} needs (N, C) classification logits with C >= 2 from {type(model).__name__}.forward"

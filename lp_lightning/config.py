@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lp_lightning.callbacks.epsilon_guard import EpsilonGuard
 from lp_lightning.data import DATAMODULES
+from lp_lightning.models.checkpoint import class_path, import_class
 
 LIGHTNING_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 MONITOR_MODES = ("max", "min")
@@ -107,30 +107,17 @@ def model_extras(model_cfg: DictConfig, extras: Mapping[str, Any]) -> dict[str, 
     only its own arguments: an argument of the same name (say ``optimizer: str``) means something else there."""
     from lp_lightning.models.classifier import Classifier
 
-    cls = _target_class(str(model_cfg.get("_target_", "")))
-    if not (isinstance(cls, type) and issubclass(cls, Classifier)):
+    try:  # a target that does not import: instantiate says why
+        import_class(str(model_cfg.get("_target_", "")), Classifier, "model._target_")
+    except ValueError:
         return {}
     return {k: v for k, v in extras.items() if k not in model_cfg and v is not None}
-
-
-def _target_class(target: str) -> Any:
-    """The object a ``_target_`` names; None when it does not import (instantiate then says why)."""
-    module_name, _, name = target.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
 
 
 def data_name(datamodule: object) -> str:
     """A built-in datamodule's config name (``digits``), else the ``module.Class`` path of a user's own."""
     names = {cls: name for name, cls in DATAMODULES.items()}
-    return names.get(type(datamodule)) or class_name(datamodule)
-
-
-def class_name(obj: object) -> str:
-    """The ``module.QualName`` path of ``obj``'s class (what a ``_target_`` names)."""
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return names.get(type(datamodule)) or class_path(type(datamodule))
 
 
 def data_spec(datamodule: object, data_cfg: DictConfig) -> dict[str, Any]:

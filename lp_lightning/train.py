@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 from lp_lightning.cli import bad_config_exits_2, one_line
 from lp_lightning.config import (
     build_callbacks,
-    class_name,
     config_dir,
     data_name,
     data_spec,
@@ -35,7 +34,7 @@ from lp_lightning.config import (
 from lp_lightning.io import atomic_write, write_json
 from lp_lightning.logs import quiet_console, share_file_handlers
 from lp_lightning.models import CheckpointError, Classifier, load_weights, read_checkpoint
-from lp_lightning.models.checkpoint import STRUCTURAL_PLUGINS, restore_structure, structural_config
+from lp_lightning.models.checkpoint import STRUCTURAL_PLUGINS, model_id, restore_structure, structural_config
 from lp_lightning.sweep import headline
 
 CLASSIFIER_KEYS = ("net", "net_kwargs", "input_shape", "num_classes")  # what its weights' shapes depend on
@@ -77,7 +76,7 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     input_shape = getattr(datamodule, "input_shape", None)
-    extras = model_extras(cfg.model, {  # only what the model's __init__ takes (the built-in Classifier: all)
+    extras = model_extras(cfg.model, {  # the built-in Classifier's extras; a user's model gets none
         "input_shape": list(input_shape) if input_shape is not None else None,
         "num_classes": getattr(datamodule, "num_classes", None),
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True) if cfg.get("optimizer") else None,
@@ -114,7 +113,7 @@ def run(cfg: DictConfig, run_dir: str | Path, precision_name: str = "custom") ->
     epochs = max(1, trainer.current_epoch)
     metrics = {
         "precision": precision_name,
-        "model": model.hparams.net if isinstance(model, Classifier) else class_name(model),
+        "model": model_id(model),
         "data": data_name(datamodule),
         "seed": cfg.seed,
         "epochs": epochs,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lp_lightning.batches import BatchKeys
+from lp_lightning.batches import BatchKeys, is_logits
 
 __all__ = ["REFERENCE_DTYPES", "SCOPE", "ValidationCapture", "check_forward", "check_logits", "describe", "eval_mode",
            "is_logits", "parse_reference", "reference_copy", "rng_preserved"]
@@ -75,12 +75,6 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
-
-
-def is_logits(out: Any, n: int | None = None) -> bool:
-    """Whether ``out`` is (N, C) floating-point class logits with C >= 2 (and N == ``n`` if given)."""
-    return (isinstance(out, Tensor) and out.ndim == 2 and out.shape[1] >= 2 and out.is_floating_point()
-            and (n is None or out.shape[0] == n))
 
 
 def describe(out: Any) -> str:

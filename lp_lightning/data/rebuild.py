@@ -11,7 +11,7 @@ import lightning as L
 
 from lp_lightning.cli import one_line
 from lp_lightning.data import TensorDataModule, build_datamodule
-from lp_lightning.models.checkpoint import CheckpointError, import_class, instantiate_from
+from lp_lightning.models.checkpoint import CheckpointError, import_class, instantiate_from, takes_any_keyword
 
 
 def datamodule_from_hparams(hparams: dict[str, Any], source: str | os.PathLike[str] | None = None,
@@ -52,7 +52,7 @@ def build_data(ckpt: Mapping[str, Any], data: Mapping[str, Any] | None, source: 
         return datamodule_from_hparams(dict(ckpt.get("hyper_parameters") or {}), source, **settings)
     cls = import_class(str(target), L.LightningDataModule, "data._target_")
     params = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if not takes_any_keyword(cls):
         unknown = sorted(set(settings) - set(params))
         if unknown:
             raise ValueError(f"data.{unknown[0]} is not an argument of {target}; its arguments: "

@@ -33,7 +33,7 @@ from lp_lightning.export.int8 import export_int8
 from lp_lightning.export.onnx_fp32 import check_parity, to_onnx
 from lp_lightning.export.report import add_ratios, check_thresholds, format_entry
 from lp_lightning.io import write_json
-from lp_lightning.models.checkpoint import class_path, load_module
+from lp_lightning.models.checkpoint import class_path, load_module, model_id
 
 REPORT_NAME = "export_report.json"
 STAGING_PREFIX = ".lp-export-"
@@ -222,7 +222,7 @@ def export_module(module: L.LightningModule, datamodule: L.LightningDataModule, 
             "formats": formats,
             "cpu": {**cpu_info(), "threads": cfg.threads},
             "checkpoint": source,
-            "model": _model_name(module),
+            "model": model_id(module),
             "data": class_path(type(datamodule)),
             "pytorch_fp32_accuracy": None if y_test is None else float((ref.argmax(1) == y_test).mean()),
             "thresholds": dict(cfg.thresholds),
@@ -237,12 +237,6 @@ def export_module(module: L.LightningModule, datamodule: L.LightningDataModule, 
         _publish(paths, out, report, edge_files)
     log(f"[lp-export] report: {out / REPORT_NAME}")
     return report
-
-
-def _model_name(module: torch.nn.Module) -> str:
-    """The built-in Classifier's net name, or the module's class path."""
-    net = getattr(getattr(module, "hparams", {}), "get", lambda _k: None)("net")
-    return str(net) if isinstance(net, str) and type(module).__name__ == "Classifier" else class_path(type(module))
 
 
 def run_export(ckpt_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: ExportConfig | None = None,

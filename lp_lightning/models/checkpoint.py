@@ -64,6 +64,18 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def model_id(module: L.LightningModule) -> str:
+    """How reports name a model: the built-in Classifier's net (``cnn``), else the module's class path."""
+    from lp_lightning.models.classifier import Classifier
+
+    return str(module.hparams.net) if isinstance(module, Classifier) else class_path(type(module))
+
+
+def takes_any_keyword(cls: type) -> bool:
+    """Whether ``cls.__init__`` has ``**kwargs`` (then every saved or given argument is passed on)."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with one-line errors naming the file and the cause.
 
@@ -96,7 +108,7 @@ def _init_kwargs(cls: type, saved: Mapping[str, Any], name: str | None) -> dict[
     params = inspect.signature(cls.__init__).parameters
     if name and name in params:  # save_hyperparameters(hparams) of one Namespace/dict argument
         return {name: dict(saved)}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if takes_any_keyword(cls):
         return dict(saved)
     return {k: v for k, v in saved.items() if k in params and k != "self"}
 

@@ -14,13 +14,11 @@ behaviour) and with the defaults. SGD: lr 0.05, momentum 0.9 (the vit: gradient 
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
-from lp_lightning.tools.bench.sweep_runs import report, run_accuracy
-from lp_lightning.tools.bench.threads import torch_threads
+from lp_lightning.tools.bench.sweep_runs import add_sweep_arguments, cell, run_accuracy, run_sweep
 
 VARIANTS = {
     "fp32": ["precision=fp32"],
@@ -75,11 +73,7 @@ def table(results: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     for model, per_opt in results.items():
         for opt, acc in per_opt.items():
             ref = statistics.mean(acc["fp32"]) if "fp32" in acc else None
-            cells = []
-            for v in variants:
-                mean = statistics.mean(acc[v])
-                diff = f" ({100 * (mean - ref):+.1f})" if ref is not None and v != "fp32" else ""
-                cells.append(f"{100 * mean:.1f}{diff}, worst {100 * min(acc[v]):.1f}")
+            cells = [cell(acc[v], None if v == "fp32" else ref) for v in variants]
             lines.append(f"| {model} | {opt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -91,16 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         choices=["mlp", "cnn", "vit", "resnet"])
     parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"])
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override every run's epochs (quick checks)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (accuracy moves with it)")
-    parser.add_argument("--root", type=Path, default=Path("outputs/pure16"), help="run folders (reused)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    add_sweep_arguments(parser, "outputs/pure16")
     args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    with torch_threads(args.threads):
-        results = sweep(args.models, args.optimizers, args.variants, args.seeds, args.root, args.epochs)
-    return report(results, table, args.seeds, args.threads, args.out)
+    return run_sweep(args, lambda: sweep(args.models, args.optimizers, args.variants, args.seeds, args.root,
+                                         args.epochs), table)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,11 @@ Prints a markdown table of test accuracy (mean, worst seed) and the difference t
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
-from lp_lightning.tools.bench.sweep_runs import report, run_accuracy
-from lp_lightning.tools.bench.threads import torch_threads
+from lp_lightning.tools.bench.sweep_runs import add_sweep_arguments, cell, run_accuracy, run_sweep
 
 ROWS = ("fp32", "int8 scratch", "int8 finetune", "int4w scratch", "int4w finetune")
 
@@ -44,11 +42,7 @@ def table(results: dict[str, dict[str, list[float]]]) -> str:
     lines = ["| model | " + " | ".join(ROWS) + " |", "|---|" + "---:|" * len(ROWS)]
     for model, acc in results.items():
         ref = statistics.mean(acc["fp32"])
-        cells = []
-        for row in ROWS:
-            mean, worst = statistics.mean(acc[row]), min(acc[row])
-            diff = "" if row == "fp32" else f" ({100 * (mean - ref):+.1f})"
-            cells.append(f"{100 * mean:.1f}{diff}, worst {100 * worst:.1f}")
+        cells = [cell(acc[row], None if row == "fp32" else ref) for row in ROWS]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -56,16 +50,10 @@ def table(results: dict[str, dict[str, list[float]]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["cnn"], choices=["mlp", "cnn", "vit"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="fp32 and from-scratch epochs (default: lp-train's)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (accuracy moves with it)")
-    parser.add_argument("--root", type=Path, default=Path("outputs/qat_finetune"), help="run folders (reused)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    add_sweep_arguments(parser, "outputs/qat_finetune")
     args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    with torch_threads(args.threads):
-        results = {m: sweep(m, args.seeds, args.root, args.epochs) for m in args.models}
-    return report(results, table, args.seeds, args.threads, args.out)
+    return run_sweep(args, lambda: {m: sweep(m, args.seeds, args.root, args.epochs) for m in args.models}, table)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lp_lightning.io import write_json
+from lp_lightning.tools.bench.threads import torch_threads
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, root: str) -> None:
+    """``--seeds``, ``--threads``, ``--root`` (default ``root``) and ``--out``, as every accuracy sweep takes them."""
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (accuracy moves with it)")
+    parser.add_argument("--root", type=Path, default=Path(root), help="run folders (reused)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+
+
+def run_sweep(args: argparse.Namespace, sweep: Callable[[], Any], table: Callable[[Any], str]) -> dict[str, Any]:
+    """``sweep()`` on ``args.threads`` torch threads with Lightning's info lines off, then :func:`report`."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    with torch_threads(args.threads):
+        results = sweep()
+    return report(results, table, args.seeds, args.threads, args.out)
+
+
+def cell(values: list[float], ref: float | None) -> str:
+    """``mean (difference to ref in points), worst`` of accuracies in [0, 1], as percent (no difference
+    without ``ref``)."""
+    mean = statistics.mean(values)
+    diff = "" if ref is None else f" ({100 * (mean - ref):+.1f})"
+    return f"{100 * mean:.1f}{diff}, worst {100 * min(values):.1f}"
 
 
 def run_accuracy(root: Path, overrides: list[str], precision: str) -> float:
