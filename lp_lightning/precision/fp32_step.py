@@ -17,18 +17,17 @@ every DDP rank (so the parameters stay equal) and saved with the plugin's state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer, SparseAdam
 
-from lp_lightning.precision.rounding import kahan_round, stochastic_round
+from lp_lightning.precision.rounding import Noise
+from lp_lightning.precision.stand_ins import StandIns
 
 UPDATES = ("nearest", "stochastic", "kahan")
-KAHAN_KEY = "lp_kahan_comp"
 _REFUSED = {LBFGS: "it re-evaluates the closure inside step()", SparseAdam: "it steps sparse gradients"}
 
 
@@ -46,8 +45,8 @@ class Fp32Step:
         self.update = check_update(update)
         self.dtype = dtype
         self.seed: int | None = None
-        self._generators: dict[str, torch.Generator] = {}
-        self._pending: dict[str, Tensor] = {}  # generator states loaded before the generator existed
+        self._generators: dict[str, Noise] = {}
+        self._pending: dict[str, Any] = {}  # generator states loaded before the generator existed
 
     # ------------------------------------------------------------------ the step
     def step(self, optimizer: Any, **kwargs: Any) -> Any:
@@ -55,108 +54,47 @@ class Fp32Step:
         if self.update == "nearest":
             return optimizer.step(**kwargs)
         opt = check_optimizer(getattr(optimizer, "_optimizer", optimizer), self.update)
-        swaps = [self._stand_in(opt, group, i) for group in opt.param_groups for i, p in enumerate(group["params"])
-                 if p.grad is not None and p.dtype == self.dtype and not p.grad.is_sparse]
+        picks: dict[torch.device, list[tuple[dict[str, Any], int]]] = {}
+        for group in opt.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and p.dtype == self.dtype and not p.grad.is_sparse:
+                    picks.setdefault(p.device, []).append((group, i))
+        stand_ins = [StandIns(opt, items, self.update, self.dtype) for items in picks.values()]
         try:
             result = optimizer.step(**kwargs)
         except BaseException:
-            for swap in swaps:
-                swap.undo(opt)
+            for s in stand_ins:
+                s.undo(opt)
             raise
-        jobs: list[tuple[Tensor, Tensor]] = []  # (16-bit destination, fp32 value) to round stochastically
-        for swap in swaps:
-            jobs += self._write_back(opt, swap)
         with torch.no_grad():
-            self._round_into(jobs)
+            for s in stand_ins:
+                s.write_back(opt, self.generator(s.flat.device))
         return result
 
-    def _stand_in(self, opt: Optimizer, group: dict[str, Any], index: int) -> _Swap:
-        """Put an fp32 leaf with an fp32 gradient and fp32 state in place of ``group["params"][index]``."""
-        p = group["params"][index]
-        state = opt.state.pop(p, None) if p in opt.state else None
-        full = p.detach().float()
-        comp = state.get(KAHAN_KEY) if state else None
-        if comp is not None and self.update == "kahan":
-            full.add_(comp.float())
-        q = nn.Parameter(full, requires_grad=p.requires_grad)
-        q.grad = p.grad.detach().float()
-        if state:
-            opt.state[q] = {k: v.float() if _per_param(k, v, p) and v.dtype == self.dtype else v
-                            for k, v in state.items() if k != KAHAN_KEY}
-        group["params"][index] = q
-        return _Swap(group, index, p, q, state)
-
-    def _write_back(self, opt: Optimizer, swap: _Swap) -> list[tuple[Tensor, Tensor]]:
-        """Put the parameter and its state back (16-bit); return what is still to be rounded into them."""
-        p, q = swap.param, swap.stand_in
-        new = opt.state.pop(q, {})
-        swap.undo(opt)
-        if q.dtype != torch.float32 or q.shape != p.shape:
-            raise TypeError(f"{type(opt).__name__}.step replaced the parameter's .data; PureHalfPrecision(update="
-                            f"{self.update!r}) needs an optimizer that updates it in place. Pass update='nearest' "
-                            "or use a torch.optim optimizer")
-        old = swap.state or {}
-        state: dict[str, Any] = {}
-        jobs = []
-        if self.update == "kahan":
-            with torch.no_grad():
-                low, comp = kahan_round(q.detach(), self.dtype)
-                p.copy_(low)
-            kept = old.get(KAHAN_KEY)
-            state[KAHAN_KEY] = kept.copy_(comp) if isinstance(kept, Tensor) and kept.shape == p.shape else comp
-        else:
-            jobs.append((p.detach(), q.detach()))
-        for key, value in new.items():
-            if not _per_param(key, value, p) or value.dtype != torch.float32:
-                state[key] = value
-                continue
-            kept = old.get(key)  # the original 16-bit storage: references to it stay valid
-            usable = isinstance(kept, Tensor) and kept.dtype == self.dtype and kept.shape == p.shape
-            state[key] = kept if usable else torch.empty_like(value, dtype=self.dtype)
-            jobs.append((state[key], value))
-        if state:
-            opt.state[p] = state
-        return jobs
-
-    def _round_into(self, jobs: list[tuple[Tensor, Tensor]], chunk: int = 1 << 20) -> None:
-        """Round each fp32 value stochastically into its 16-bit destination: many small tensors in one call
-        (per device, ~``chunk`` elements at a time), since per-tensor overhead dominates small layers."""
-        by_device: dict[torch.device, list[tuple[Tensor, Tensor]]] = {}
-        for dst, value in jobs:
-            by_device.setdefault(value.device, []).append((dst, value))
-        for device, items in by_device.items():
-            gen = self.generator(device)
-            start = 0
-            while start < len(items):
-                stop, size = start, 0
-                while stop < len(items) and (stop == start or size + items[stop][1].numel() <= chunk):
-                    size += items[stop][1].numel()
-                    stop += 1
-                batch = items[start:stop]
-                flat = torch.cat([value.reshape(-1) for _, value in batch])
-                rounded = stochastic_round(flat, self.dtype, gen).split([value.numel() for _, value in batch])
-                dsts = [dst for dst, _ in batch]
-                torch._foreach_copy_(dsts, [r.view(d.shape) for d, r in zip(dsts, rounded, strict=True)])
-                start = stop
-
     # ------------------------------------------------------------------ the random stream
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The generator for ``device``: seeded from rank 0's seed on every rank, restored from a checkpoint."""
+    def generator(self, device: torch.device) -> Noise:
+        """The random source for ``device``, seeded from rank 0's seed on every rank and restored from a
+        checkpoint: numpy's SFC64 on CPU (half the cost of torch's CPU generator per random bit), a
+        ``torch.Generator`` elsewhere."""
         key = str(device)
         if key not in self._generators:
             if self.seed is None:
                 self.seed = _shared_seed()
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            if key in self._pending:
-                gen.set_state(self._pending.pop(key))
+            gen: Noise
+            if device.type == "cpu":
+                gen = np.random.SFC64(self.seed)
+            else:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(self.seed)
             self._generators[key] = gen
+            if key in self._pending:
+                _set_state(gen, self._pending.pop(key))
         return self._generators[key]
 
     def state_dict(self) -> dict[str, Any]:
         if self.update == "nearest":
             return {}
-        states = {key: gen.get_state() for key, gen in self._generators.items()}
+        states = {key: _get_state(gen) for key, gen in self._generators.items()}
         states.update(self._pending)
         return {"rounding_seed": self.seed, "rounding_generators": states} if self.seed is not None else {}
 
@@ -166,9 +104,28 @@ class Fp32Step:
         self.seed = state["rounding_seed"]
         for key, gen_state in state["rounding_generators"].items():
             if key in self._generators:
-                self._generators[key].set_state(gen_state)
+                _set_state(self._generators[key], gen_state)
             else:
                 self._pending[key] = gen_state
+
+
+def _get_state(gen: Noise) -> Any:
+    """A checkpointable state (plain ints for numpy, so ``torch.load(weights_only=True)`` reads it)."""
+    if isinstance(gen, torch.Generator):
+        return gen.get_state()
+    state = gen.state
+    return {**state, "state": {k: [int(x) for x in v] for k, v in state["state"].items()}}
+
+
+def _set_state(gen: Noise, state: Any) -> None:
+    if isinstance(gen, torch.Generator) and isinstance(state, torch.Tensor):
+        gen.set_state(state)
+    elif isinstance(gen, np.random.BitGenerator) and isinstance(state, dict) \
+            and state.get("bit_generator") == type(gen).__name__:
+        gen.state = {**state, "state": {k: np.asarray(v, dtype=np.uint64) for k, v in state["state"].items()}}
+    else:
+        rank_zero_warn("PureHalfPrecision: the checkpoint's rounding stream was saved by another version or "
+                       "device; it starts afresh from the saved seed (the run resumes, not bit for bit)")
 
 
 def check_optimizer(optimizer: Any, update: str) -> Optimizer:
@@ -188,30 +145,6 @@ def check_optimizer(optimizer: Any, update: str) -> Optimizer:
                            "gradients and the per-parameter tensors in optimizer.state; tensors it keeps elsewhere "
                            f"stay as they are. If {name} keeps its own copies, pass update='nearest'.")
     return optimizer
-
-
-def _per_param(key: str, value: Any, p: Tensor) -> bool:
-    """A floating state tensor shaped like its parameter (not the compensation, not a step counter)."""
-    return key not in (KAHAN_KEY, "step") and isinstance(value, Tensor) and value.is_floating_point() \
-        and value.shape == p.shape
-
-
-@dataclass
-class _Swap:
-    """A parameter and its fp32 stand-in during the step (the parameter itself is never re-bound: changing a
-    tensor's dtype through ``.data`` would drop its gradient accumulator, and DDP's hooks with it)."""
-
-    group: dict[str, Any]
-    index: int
-    param: Tensor
-    stand_in: Tensor
-    state: dict[str, Any] | None
-
-    def undo(self, opt: Optimizer) -> None:
-        self.group["params"][self.index] = self.param
-        opt.state.pop(self.stand_in, None)
-        if self.state is not None:
-            opt.state[self.param] = self.state
 
 
 def _shared_seed() -> int:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lp_lightning.precision import PureHalfPrecision
-from lp_lightning.precision.fp32_step import KAHAN_KEY, Fp32Step
-from lp_lightning.precision.rounding import kahan_round, stochastic_round
+from lp_lightning.precision.fp32_step import Fp32Step
+from lp_lightning.precision.rounding import kahan_round, random_bits16, stochastic_round, stochastic_round_
+from lp_lightning.precision.stand_ins import KAHAN_KEY
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 OPTIMIZERS = {
@@ -32,6 +34,35 @@ def test_stochastic_round_is_unbiased(dtype):
     exact = torch.tensor([0.0, -1.5, 3.0, 2.0**-20, float("inf"), -float("inf")])
     torch.testing.assert_close(stochastic_round(exact, dtype, gen).float(), exact, rtol=0, atol=0)
     assert stochastic_round(torch.tensor([float("nan")]), dtype, gen).isnan().all()
+
+
+@pytest.mark.parametrize("source", ["numpy", "torch"])
+def test_random_bits16_are_uniform_in_every_bit(source):
+    """Four 16-bit values per 64-bit draw: every bit of every lane is a fair coin (a draw without the sign bit
+    would leave one lane in four with a constant top bit)."""
+    gen = np.random.SFC64(0) if source == "numpy" else torch.Generator().manual_seed(0)
+    bits = random_bits16(80_001, torch.device("cpu"), gen)
+    assert bits.dtype == torch.int16 and bits.numel() == 80_001
+    lanes = bits[:80_000].view(-1, 4).to(torch.int32)
+    freq = torch.stack([(lanes >> k) & 1 for k in range(16)]).float().mean(dim=1)  # (16 bits, 4 lanes)
+    assert ((freq - 0.5).abs() < 0.02).all(), freq  # 5.7 standard deviations; a stuck bit gives 0.5
+
+
+@pytest.mark.parametrize("source", ["numpy", "torch"])
+def test_in_place_rounding_is_unbiased_and_keeps_non_finite(source):
+    gen = np.random.SFC64(1) if source == "numpy" else torch.Generator().manual_seed(1)
+    lo = torch.tensor(-3.0, dtype=torch.bfloat16)
+    hi = torch.nextafter(lo, torch.tensor(-4.0, dtype=torch.bfloat16))
+    value = lo.float() + 0.7 * (hi.float() - lo.float())
+    x = value.repeat(100_000)
+    out = stochastic_round_(x, torch.bfloat16, gen)
+    assert out is x and torch.equal(x, x.bfloat16().float())  # representable: the copy into bf16 is exact
+    assert set(x.unique().tolist()) == {lo.item(), hi.item()}
+    assert abs(float(x.mean()) - float(value)) < 0.01 * abs(float(hi) - float(lo))
+    odd = torch.tensor([1.0, float("inf"), float("nan"), -float("inf"), 2.0**-130])  # a denormal too
+    stochastic_round_(odd, torch.bfloat16, gen)
+    assert odd[1] == float("inf") and odd[2].isnan() and odd[3] == -float("inf") and odd[0] == 1.0
+    torch.testing.assert_close(odd, odd.bfloat16().float(), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()))
@@ -180,3 +211,15 @@ def test_auto_update_is_kahan_for_fp16_and_stochastic_for_bf16():
     assert PureHalfPrecision("float16").fp32_step.update == "kahan"
     assert PureHalfPrecision("bfloat16").fp32_step.update == "stochastic"
     assert PureHalfPrecision("float16", update="stochastic").fp32_step.update == "stochastic"
+
+
+def test_rounding_stream_from_another_version_restarts_with_a_warning():
+    """A CPU stream saved as a torch generator state (an older version) cannot feed numpy's SFC64."""
+    step = Fp32Step("stochastic", torch.bfloat16)
+    step.load_state_dict({"rounding_seed": 7, "rounding_generators": {"cpu": torch.Generator().get_state()}})
+    with pytest.warns(UserWarning, match="starts afresh from the saved seed"):
+        gen = step.generator(torch.device("cpu"))
+    assert np.array_equal(gen.random_raw(4), np.random.SFC64(7).random_raw(4))
+    again = Fp32Step("stochastic", torch.bfloat16)
+    again.load_state_dict(step.state_dict())  # plain ints: torch.load(weights_only=True) reads them
+    assert np.array_equal(again.generator(torch.device("cpu")).random_raw(4), gen.random_raw(4))
