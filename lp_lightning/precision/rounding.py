@@ -14,6 +14,7 @@ CPU it costs more than the rounding itself.
 
 from __future__ import annotations
 
+import math
 from typing import TypeAlias
 
 import numpy as np
@@ -58,9 +59,9 @@ def stochastic_round_(x: Tensor, dtype: torch.dtype, generator: Noise = None) ->
     """Round fp32 ``x`` in place, stochastically, to values that ``dtype`` represents (a copy into ``dtype`` is
     then exact). Finite contiguous CPU values bound for bf16 take the in-place integer path (one draw, three
     passes); anything else goes through :func:`stochastic_round`, which keeps non-finite values."""
-    if dtype == torch.bfloat16 and x.is_contiguous() and x.device.type == "cpu" and bool(x.sum().isfinite()):
-        noise = random_bits16(x.numel(), x.device, generator).view(x.shape)  # a non-finite value poisons the sum
-        x.view(torch.int32).add_(noise).add_(_HALF).bitwise_and_(_LOW_HALF_CLEARED)
+    if dtype == torch.bfloat16 and x.is_contiguous() and x.device.type == "cpu" and math.isfinite(x.sum()):
+        noise = random_bits16(x.numel(), x.device, generator)  # a non-finite value poisons the sum
+        x.view(torch.int32).view(-1).add_(noise).add_(_HALF).bitwise_and_(_LOW_HALF_CLEARED)
         return x
     return x.copy_(stochastic_round(x, dtype, generator))
 

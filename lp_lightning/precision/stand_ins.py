@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from lp_lightning.precision.rounding import Noise, kahan_round, stochastic_round_
@@ -43,8 +43,10 @@ class StandIns:
         n = len(params)
         self.n_params, self.n_rounded = sum(sizes[:n]), sum(sizes[:-n])
         self.flat = torch.empty(sum(sizes), dtype=torch.float32, device=params[0].device)
-        views = [v if t.dim() == 1 else v.view(t.shape)
-                 for v, t in zip(self.flat.split(sizes), sources, strict=True)]
+        views, offset = [], 0
+        for t, size in zip(sources, sizes, strict=True):  # one as_strided each: split + view cost twice as much
+            views.append(self.flat.as_strided(t.shape, _contiguous_strides(t.shape), offset))
+            offset += size
         torch._foreach_copy_(views, sources)
         self.views = views[:n]
         if update == "kahan":
@@ -52,18 +54,16 @@ class StandIns:
             if comps:
                 torch._foreach_add_([v for v, _ in comps], [c for _, c in comps])
         state_views = iter(views[n:-n])
-        self.stand_ins: list[Tensor] = []
+        self.stand_ins = self.views
+        self.addresses = [v.data_ptr() for v in self.views]  # an optimizer that re-binds ``.data`` moves them
         self.state_views: list[dict[str, Tensor]] = []
-        for (group, i), p, st, ks, view, grad in zip(picks, params, states, keys, self.views, views[-n:],
-                                                     strict=True):
-            q = nn.Parameter(view, requires_grad=p.requires_grad)
-            q.grad = grad
+        for (group, i), st, ks, q, grad in zip(picks, states, keys, self.views, views[-n:], strict=True):
+            q.grad = grad  # the stand-in is the plain fp32 view: torch.optim steps whatever has a .grad
             mine = {k: next(state_views) for k in ks}
             self.state_views.append(mine)
             if st:
                 opt.state[q] = {k: mine.get(k, v) for k, v in st.items() if k != KAHAN_KEY}
             group["params"][i] = q
-            self.stand_ins.append(q)
 
     def undo(self, opt: Optimizer) -> None:
         """Put the 16-bit parameters and their state back as they were."""
@@ -72,6 +72,14 @@ class StandIns:
             opt.state.pop(q, None)
             if st is not None:
                 opt.state[p] = st
+
+    def _stepped_in_place(self, old: dict[str, Any], new: dict[str, Any], mine: dict[str, Tensor], p: Tensor) -> bool:
+        """Whether the step kept the state's keys and stepped our fp32 views in place (nothing to re-allocate)."""
+        kahan = KAHAN_KEY in old
+        if (self.update == "kahan") != kahan or len(new) + kahan != len(old):
+            return False
+        return all(new.get(k) is v for k, v in mine.items()) and all(
+            k in old and (k in mine or not per_param(k, v, p) or v.dtype != torch.float32) for k, v in new.items())
 
     def write_back(self, opt: Optimizer, noise: Noise) -> None:
         """Round the stepped fp32 values into the original 16-bit parameter and state storages (references to
@@ -82,12 +90,19 @@ class StandIns:
         dsts: list[Tensor] = []
         values: list[Tensor] = []
         extra: list[tuple[Tensor, Tensor]] = []  # state the optimizer made (or re-bound) itself during the step
-        for p, q, view, old, new, mine in zip(self.params, self.stand_ins, self.views, self.states, new_states,
-                                              self.state_views, strict=True):
-            if q.dtype != torch.float32 or q.shape != p.shape or q.data_ptr() != view.data_ptr():
+        for p, q, address, old, new, mine in zip(self.params, self.stand_ins, self.addresses, self.states,
+                                                 new_states, self.state_views, strict=True):
+            if q.dtype != torch.float32 or q.shape != p.shape or q.data_ptr() != address:
                 raise TypeError(f"{type(opt).__name__}.step replaced the parameter's .data; PureHalfPrecision("
                                 f"update={self.update!r}) needs an optimizer that updates it in place. Pass "
                                 "update='nearest' or use a torch.optim optimizer")
+            if old and mine and self._stepped_in_place(old, new, mine, p):  # the usual case: no new dict, no copies
+                for key, value in new.items():
+                    if key not in mine:
+                        old[key] = value  # e.g. Adam's step counter
+                dsts += [old[key] for key in mine]
+                values += mine.values()
+                continue
             old = old or {}
             state: dict[str, Any] = {}
             for key, value in new.items():
@@ -123,3 +138,11 @@ class StandIns:
         for dst, value in extra:
             dst.copy_(stochastic_round_(value.detach().float().contiguous(), self.dtype, noise))
 
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return tuple(reversed(strides))

@@ -206,6 +206,25 @@ def test_unsupported_optimizers_are_named():
         PureHalfPrecision("bfloat16", update="round")
 
 
+class Rebinding(Custom):
+    """Replaces ``p.data`` instead of updating it in place: its result would never reach the 16-bit weight."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data = p.data - group["lr"] * p.grad
+
+
+def test_an_optimizer_that_rebinds_data_is_refused_and_the_weights_are_kept():
+    p = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    p.grad = torch.ones_like(p)
+    opt = Rebinding([p])
+    with pytest.warns(UserWarning, match="runs Rebinding.step on fp32 copies"), \
+            pytest.raises(TypeError, match=r"Rebinding.step replaced the parameter's .data; .*update='nearest'"):
+        Fp32Step("stochastic", torch.bfloat16).step(opt)
+    assert opt.param_groups[0]["params"][0] is p and p.dtype == torch.bfloat16 and torch.equal(p, torch.ones_like(p))
+
+
 def test_auto_update_is_kahan_for_fp16_and_stochastic_for_bf16():
     """The defaults measured best per dtype (vit + SGD, 3 seeds: docs/pure16.md)."""
     assert PureHalfPrecision("float16").fp32_step.update == "kahan"
