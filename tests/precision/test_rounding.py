@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import numpy as np
 import pytest
@@ -63,6 +65,21 @@ def test_in_place_rounding_is_unbiased_and_keeps_non_finite(source):
     stochastic_round_(odd, torch.bfloat16, gen)
     assert odd[1] == float("inf") and odd[2].isnan() and odd[3] == -float("inf") and odd[0] == 1.0
     torch.testing.assert_close(odd, odd.bfloat16().float(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("value", [-3.3, 5e-5, 2.0**-20 * 1.37, -(2.0**-25), 1e-9, 65510.0])
+def test_fp16_stochastic_rounding_across_binades_and_subnormals(value):
+    """Between the two fp16 neighbours, unbiased: normal, subnormal (below 2**-14), below the smallest subnormal,
+    and between the largest finite value and round-to-nearest's overflow threshold (stays finite)."""
+    x = torch.full((200_000,), value)
+    near = torch.tensor(value).half()
+    toward = math.copysign(math.inf, value) if abs(value) > abs(float(near)) else 0.0
+    step = torch.nextafter(near, torch.tensor(toward).half())
+    out = stochastic_round(x, torch.float16, np.random.SFC64(3)).float()
+    assert set(out.unique().tolist()) <= {float(near), float(step)}
+    gap = abs(float(step) - float(near)) or 1.0
+    assert abs(float(out.double().mean()) - value) < 0.01 * gap
+    assert torch.isinf(stochastic_round(torch.tensor([7e4, -7e4]), torch.float16)).all()  # overflow stays visible
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()))
