@@ -70,11 +70,11 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
                    "--iters", "30" if quick else "200"],
         "speed": ["--models", *speed_models, "--threads", "1",  # one thread: ratios, not the other core's load
                   *(["--rounds", "2", "--steps", "3"] if quick else [])],
-        # pure 16-bit nearest vs defaults (3 seeds; quick: mlp, SGD, bf16 only); the TinyResNet test model
-        # when the repository's tests package is importable
+        # pure 16-bit nearest vs defaults (5 seeds: one vit run moves by +-2 points between seeds; quick: mlp,
+        # SGD, bf16 only); the TinyResNet test model when the repository's tests package is importable
         "pure16": (["--models", "mlp", "--optimizers", "sgd", "--variants", "fp32", "bf16 nearest", "bf16 default",
                     "--seeds", "0", "--epochs", str(epochs or 3)] if quick else
-                   ["--models", *models, *(["resnet"] if _has_test_models() else []), "--seeds", "0", "1", "2"]),
+                   ["--models", *models, *(["resnet"] if _has_test_models() else []), "--seeds", *"01234"]),
         "finetune": ["--models", *(["mlp"] if quick else ["cnn"]), "--seeds", *(["0"] if quick else ["0", "1", "2"]),
                      *(["--epochs", str(epochs or 3)] if quick else [])],
     }
