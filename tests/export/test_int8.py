@@ -91,3 +91,19 @@ def test_learned_overrides_from_qparams(onnx_models, tmp_path, granularity, cali
     if n_weights:
         np.testing.assert_allclose(inits["net.features.1.weight_scale"], qparams["net.features.1"]["weight_scale"],
                                    rtol=1e-6)
+
+
+def test_learned_export_quantizes_only_layers_with_qparams(onnx_models, tmp_path):
+    """With qparams, the layers without them (skipped by QAT) and every layer output stay float."""
+    model, proto = onnx_models["mlp"]
+    qparams = {"net.features.1": _qparams(model, "net.features.1")}
+    export_int8(proto, tmp_path / "q.onnx", [images(16)], model=model, qparams=qparams)
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    weights = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and "weight" in n.input[0]}
+    assert weights == {"net.features.1.weight_quantized"}
+    inits = {i.name for i in graph.initializer}
+    assert [n.input[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits] == ["view"]
+    x = images(64, seed=3)
+    with torch.no_grad():
+        float_logits = model(torch.from_numpy(x)).numpy()
+    assert np.abs(run_onnx(tmp_path / "q.onnx", x) - float_logits).max() < 0.1 * np.abs(float_logits).max()
