@@ -69,7 +69,7 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
         "export": ["--models", ",".join(models if quick else [*models, "mlp512", "vit128"]),
                    "--iters", "30" if quick else "200"],
         "speed": ["--models", *speed_models, "--threads", "1",  # one thread: ratios, not the other core's load
-                  *(["--rounds", "2", "--steps", "3"] if quick else [])],
+                  *(["--rounds", "2", "--steps", "3"] if quick else ["--rounds", "9"])],  # min of 27 steps each
         # pure 16-bit nearest vs defaults (5 seeds: one vit run moves by +-2 points between seeds; quick: mlp,
         # SGD, bf16 only); the TinyResNet test model when the repository's tests package is importable
         "pure16": (["--models", "mlp", "--optimizers", "sgd", "--variants", "fp32", "bf16 nearest", "bf16 default",
