@@ -207,8 +207,12 @@ if __name__ == "__main__":
     trainer.save_checkpoint("ddp.ckpt")
     obs = {n: [float(m.act_observer.min_val), float(m.act_observer.max_val), m.act_observer.is_frozen]
            for n, m in fake_quant_layers(model).items()}
+    bn = {n: [m.running_mean.tolist(), m.running_var.tolist()] for n, m in model.named_modules()
+          if isinstance(m, torch.nn.BatchNorm2d)}
+    recal = [c._done_at_step for c in trainer.callbacks if type(c).__name__ == "BatchNormRecalibration"]
     with open(f"obs_{trainer.global_rank}.json", "w") as f:
-        json.dump({"steps": plugin.steps, "global_step": trainer.global_step, "obs": obs, "seen": seen}, f)
+        json.dump({"steps": plugin.steps, "global_step": trainer.global_step, "obs": obs, "seen": seen,
+                   "bn": bn, "recalibrated_at": recal}, f)
 """
 
 
@@ -220,5 +224,10 @@ def test_ddp_training_keeps_observers_in_sync(tmp_path: Path) -> None:
     assert ranks[0] == ranks[1]  # incl. the ranges every training forward started from
     assert ranks[0]["steps"] == ranks[0]["global_step"] == 5
     assert all(frozen for *_, frozen in ranks[0]["obs"].values())
+    # BatchNorm re-estimated on every rank from the same unshuffled batches: equal statistics (compared above)
+    assert ranks[0]["recalibrated_at"] == [5] and ranks[0]["bn"]
+    assert all(any(v != 1.0 for v in var) for _, var in ranks[0]["bn"].values())
     loaded, _ = load_classifier(tmp_path / "ddp.ckpt")
     assert {n: list(v) for n, v in _observers(loaded).items()} == ranks[0]["obs"]
+    assert {n: [m.running_mean.tolist(), m.running_var.tolist()] for n, m in loaded.named_modules()
+            if isinstance(m, torch.nn.BatchNorm2d)} == ranks[0]["bn"]
