@@ -259,3 +259,30 @@ def test_rounding_stream_from_another_version_restarts_with_a_warning():
     again = Fp32Step("stochastic", torch.bfloat16)
     again.load_state_dict(step.state_dict())  # plain ints: torch.load(weights_only=True) reads them
     assert np.array_equal(again.generator(torch.device("cpu")).random_raw(4), gen.random_raw(4))
+
+
+@pytest.mark.parametrize("update", ["stochastic", "kahan"])
+def test_param_groups_frozen_and_fp32_params_are_each_stepped_as_torch_would(update):
+    """Two groups with their own lr, a frozen 16-bit parameter (no grad) and an fp32 parameter in the same
+    optimizer: only the 16-bit ones with a grad get stand-ins; each moves by its own group's lr; the groups keep
+    their tensors (same objects, same order)."""
+    a, b = (nn.Parameter(torch.ones(64, dtype=torch.bfloat16)) for _ in range(2))
+    frozen = nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    full = nn.Parameter(torch.ones(64))
+    opt = torch.optim.SGD([{"params": [a, frozen], "lr": 0.5}, {"params": [full, b], "lr": 0.25}], momentum=0.9)
+    groups = [list(g["params"]) for g in opt.param_groups]
+    step = Fp32Step(update, torch.bfloat16)
+    for _ in range(3):
+        for p in (a, b):
+            p.grad = torch.full_like(p, 0.125)
+        full.grad = torch.full_like(full, 0.125)
+        step.step(opt)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in g] for g in groups]
+    # momentum 0.9, three steps of grad 0.125: each weight moves by lr * 0.125 * (1 + 1.9 + 2.71)
+    moved = 0.125 * (1 + 1.9 + 2.71)
+    assert torch.equal(frozen, torch.ones_like(frozen)) and frozen not in opt.state
+    torch.testing.assert_close(full.detach(), torch.full((64,), 1 - 0.25 * moved), rtol=0, atol=1e-6)
+    for p, lr in ((a, 0.5), (b, 0.25)):
+        total = p.float() + (opt.state[p][KAHAN_KEY].float() if update == "kahan" else 0)
+        assert p.dtype == torch.bfloat16 and opt.state[p]["momentum_buffer"].dtype == torch.bfloat16
+        assert abs(float(total.mean()) - (1 - lr * moved)) < 2e-3
