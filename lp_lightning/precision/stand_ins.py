@@ -139,8 +139,8 @@ class StandIns:
             dst.copy_(stochastic_round_(value.detach().float().contiguous(), self.dtype, noise))
 
 
-
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
     strides, step = [], 1
     for dim in reversed(shape):
         strides.append(step)
