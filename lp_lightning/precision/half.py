@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 from collections.abc import Callable, Generator
 from typing import Any
@@ -26,7 +25,7 @@ from lp_lightning.precision.fp32_compute import (
     compute_candidates,
 )
 from lp_lightning.precision.fp32_step import Fp32Step
-from lp_lightning.precision.loss_scale import LossScaler
+from lp_lightning.precision.loss_scale import LossScaler, make_scaler
 from lp_lightning.precision.norm_stats import cast_keeping_stats, check_norm_stats, release_stats
 
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -83,7 +82,7 @@ class PureHalfPrecision(HalfPrecision):
         if compute not in COMPUTE_MODES:
             raise ValueError(f"compute={compute!r} is not supported; allowed: {list(COMPUTE_MODES)}")
         self.compute = compute
-        self.scaler: LossScaler | None = _make_scaler(loss_scale, init_scale, growth_factor, backoff_factor,
+        self.scaler: LossScaler | None = make_scaler(loss_scale, init_scale, growth_factor, backoff_factor,
                                                       growth_interval)
         self.norm_stats = check_norm_stats(norm_stats)
         if update == "auto":  # fp16 keeps 10 mantissa bits: a compensation buffer beats rounding noise there
@@ -305,17 +304,3 @@ class PureHalfPrecision(HalfPrecision):
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _make_scaler(loss_scale: str | float | None, init_scale: float, growth_factor: float, backoff_factor: float,
-                 growth_interval: int) -> LossScaler | None:
-    if loss_scale is None or (isinstance(loss_scale, str) and loss_scale.lower() in ("none", "null")):
-        LossScaler(init_scale, True, growth_factor, backoff_factor, growth_interval)  # checks the settings anyway
-        return None
-    if isinstance(loss_scale, str) and loss_scale.lower() == "dynamic":
-        return LossScaler(init_scale, True, growth_factor, backoff_factor, growth_interval)
-    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale) \
-            or loss_scale <= 0:
-        raise ValueError(f"loss_scale={loss_scale!r} is not supported; allowed: None, 'dynamic' or a positive "
-                         f"finite number")
-    return LossScaler(float(loss_scale), False, growth_factor, backoff_factor, growth_interval)

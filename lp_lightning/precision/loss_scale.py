@@ -105,3 +105,19 @@ class LossScaler:
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive finite number")
+
+
+def make_scaler(loss_scale: str | float | None, init_scale: float, growth_factor: float, backoff_factor: float,
+                growth_interval: int) -> LossScaler | None:
+    """The scaler for PureHalfPrecision's ``loss_scale`` (None, ``"dynamic"`` or a positive number); the other
+    settings are checked even when no scaler is made."""
+    if loss_scale is None or (isinstance(loss_scale, str) and loss_scale.lower() in ("none", "null")):
+        LossScaler(init_scale, True, growth_factor, backoff_factor, growth_interval)  # checks the settings anyway
+        return None
+    if isinstance(loss_scale, str) and loss_scale.lower() == "dynamic":
+        return LossScaler(init_scale, True, growth_factor, backoff_factor, growth_interval)
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale) \
+            or loss_scale <= 0:
+        raise ValueError(f"loss_scale={loss_scale!r} is not supported; allowed: None, 'dynamic' or a positive "
+                         f"finite number")
+    return LossScaler(float(loss_scale), False, growth_factor, backoff_factor, growth_interval)
