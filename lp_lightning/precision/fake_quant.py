@@ -14,6 +14,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lp_lightning.precision.fake_quant_setup import (
+    attach_bn_recalibration,
+    warn_eval_mode,
+    warn_weights_only_checkpoints,
+)
 from lp_lightning.precision.fastpath import transformer_fastpath_off
 from lp_lightning.quant import (
     GRANULARITIES,
@@ -29,8 +34,7 @@ from lp_lightning.quant import (
     quant_state_dict,
     quantize_modules,
 )
-from lp_lightning.quant.batchnorm import batchnorm_layers
-from lp_lightning.quant.checks import eval_mode_layers, unobserved_layers, unquantizable_layers
+from lp_lightning.quant.checks import unobserved_layers, unquantizable_layers
 from lp_lightning.quant.range_monitor import RangeMonitor
 
 
@@ -153,11 +157,11 @@ Linear/Conv-like layers that are not skipped but cannot be swapped.
             rank_zero_warn(f"FakeQuantPrecision: {len(missed)} layer(s) stay float32 although not skipped: "
                            + "; ".join(f"{n!r}: {why}" for n, why in missed.items())
                            + f". Skip them explicitly (skip={sorted(missed)!r}) or use the plain torch types")
-        _attach_bn_recalibration(module, self.bn_recalibration)
+        attach_bn_recalibration(module, self.bn_recalibration)
         self._observers = [layer.act_observer for layer in fake_quant_layers(module).values()
                            if layer.act_observer is not None]
         accept_plain_state_dicts(module)  # e.g. test(ckpt_path="best") after fit: the trainer's module is converted
-        _warn_weights_only_checkpoints(module)
+        warn_weights_only_checkpoints(module)
         if self._pending_state is not None:
             load_quant_state(module, self._pending_state, owner="FakeQuantPrecision")
             self._pending_state = None
@@ -177,7 +181,7 @@ Linear/Conv-like layers that are not skipped but cannot be swapped.
         if not self._all_frozen():  # frozen ranges no longer change: nothing to send
             broadcast_observers(self._observers)
         if not self._checked_first_step and self._module is not None:
-            _warn_eval_mode(self._module)
+            warn_eval_mode(self._module)
         if self.steps % self._log_every() == 0:
             self.monitor.arm()
         with self.forward_context():
@@ -283,44 +287,3 @@ Linear/Conv-like layers that are not skipped but cannot be swapped.
     def reference_module(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """A NEW plain unquantized copy of ``module`` (original float weights, plain layer types) in ``dtype``."""
         return dequantize(module, snap=False).to(dtype)
-
-
-def _warn_eval_mode(module: nn.Module) -> None:
-    """Warn naming the fake-quant/BatchNorm layers in eval mode at the first training step."""
-    frozen = eval_mode_layers(module)
-    if frozen:
-        rank_zero_warn(f"FakeQuantPrecision: {frozen} are in eval mode at the first training step, so their activation "
-                       "observers never observe and BatchNorm statistics never update (Lightning keeps a model that "
-                       "starts fit in eval mode in eval mode): call model.train() before trainer.fit(...)")
-
-
-def _attach_bn_recalibration(module: nn.Module, num_batches: int | None) -> None:
-    """Put a BatchNormRecalibration first among the Trainer's callbacks when ``module`` has BatchNorm layers
-    (first: it runs before the checkpoint callbacks of the same hook); warn when ``num_batches`` is None."""
-    from lp_lightning.callbacks.batchnorm_recalibration import BatchNormRecalibration
-
-    bns = batchnorm_layers(module)
-    trainer = getattr(module, "_trainer", None)
-    if not bns or trainer is None or any(isinstance(cb, BatchNormRecalibration) for cb in trainer.callbacks):
-        return
-    if num_batches is None:
-        rank_zero_warn(f"FakeQuantPrecision(bn_recalibration=None): BatchNorm layers {sorted(bns)} keep running "
-                       "statistics averaged while the weights and ranges moved; they can be stale at the end of "
-                       "training (measured: 3 standard deviations off on a depthwise-separable CNN). Add "
-                       "lp_lightning.callbacks.BatchNormRecalibration")
-        return
-    trainer.callbacks.insert(0, BatchNormRecalibration(num_batches))
-    rank_zero_info(f"FakeQuantPrecision: attached BatchNormRecalibration({num_batches}) "
-                   f"for {len(bns)} BatchNorm layer(s)")
-
-
-def _warn_weights_only_checkpoints(module: nn.Module) -> None:
-    """Warn when the Trainer of ``module`` writes ``save_weights_only`` checkpoints: they keep the fake-quant
-    buffers in their state dict (no plugin hook runs for them)."""
-    trainer = getattr(module, "_trainer", None)  # a LightningModule attached to a Trainer
-    if any(getattr(cb, "save_weights_only", False) for cb in getattr(trainer, "checkpoint_callbacks", [])):
-        rank_zero_warn("FakeQuantPrecision: ModelCheckpoint(save_weights_only=True) saves no plugin state, so its "
-                       "checkpoints keep the fake-quant buffers in 'state_dict' and have no fake-quant config: they "
-                       "load only into a module converted by FakeQuantPrecision (plugin.convert_module(model) "
-                       "first), not into the plain model or a fresh Trainer(ckpt_path=...); drop save_weights_only "
-                       "for checkpoints that load anywhere")
