@@ -183,3 +183,17 @@ def test_heatmap_title_names_model_precision_and_epochs(tmp_path: Path, monkeypa
                    callbacks=[NumericsMonitor(every_n_steps=5)], limit_train_batches=5)
     assert titles == ["mlp bf16, 2 epochs"]
     assert matplotlib.image.imread(tmp_path / HEATMAP_FILE).shape[0] > 100
+
+
+def test_heatmap_figure_carries_the_given_title(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figure's title is the run's (model, precision, epochs), not the last panel's name."""
+    from matplotlib.figure import Figure
+
+    from lp_lightning.callbacks.numerics_report import write_heatmap
+
+    shown: list[str] = []
+    suptitle = Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda self, t, **kw: (shown.append(t), suptitle(self, t, **kw))[1])
+    data = torch.rand(3, 2, 2, 4)  # steps x layers x (act, grad) x stats
+    out = write_heatmap(tmp_path / "h.png", data, ["a", "b"], [0, 5, 10], "cnn int8, 3 epochs")
+    assert shown == ["cnn int8, 3 epochs"] and out.is_file()
