@@ -26,6 +26,14 @@ from lp_lightning.logs import quiet_loggers
 OWNER = "the Lemma-1 audit"
 
 
+def check_max_samples(max_samples: Any) -> int | None:
+    """``max_samples`` if it is None (every sample) or an integer >= 1, else ValueError naming it."""
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples={max_samples!r} must be None (null: every sample) or an integer >= 1")
+    return max_samples
+
+
 def precision_plugin(precision: Precision | str | Mapping[str, Any] | None) -> Precision:
     """The plugin a Trainer builds for ``precision``: a plugin instance (returned as is), the name of a
     ``conf/precision`` entry (``"fp16"``, ``"bf16"``, ``"int8"``, ...), or such an entry's mapping
@@ -99,9 +107,7 @@ def audit_modules(module: nn.Module, data: Iterable[Any], *, reference: nn.Modul
     and the per-sample comparison (for plots).
     """
     ref_dtype = parse_reference(reference_dtype)
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
-        raise ValueError(f"max_samples={max_samples!r} must be None or an integer >= 1")
+    check_max_samples(max_samples)
     if reference is None and precision is None:
         raise ValueError("audit_modules needs precision=<plugin or name> (one model in two precisions) or "
                          "reference=<module> (two models)")

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lp_lightning.audit.tolerance import Comparison
-from lp_lightning.audit_models import audit_modules
+from lp_lightning.audit_models import audit_modules, check_max_samples
 from lp_lightning.batches import BatchKeys
 from lp_lightning.callbacks.audit_support import parse_reference
 from lp_lightning.cli import bad_config_exits_2, one_line
@@ -61,8 +61,7 @@ def audit_checkpoints(ckpt: str | os.PathLike[str], reference: str | os.PathLike
     parse_reference(reference_dtype)
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not allowed; use one of {list(SPLITS)}")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-        raise ValueError(f"max_samples={max_samples!r} must be null or an integer >= 1")
+    check_max_samples(max_samples)  # before loading anything
     if reference is None and precision_cfg is None:
         raise ValueError("ckpt=A alone needs precision=<name> (e.g. precision=fp16), or reference=B")
     model, raw = load_module(ckpt, model_class)

@@ -173,3 +173,14 @@ def test_regression_module_is_refused_by_the_python_api(ckpts) -> None:
     dm.setup()
     with pytest.raises(ValueError, match=r"Regressor.*got a tensor of shape \(.*, 1\) \(a regression output"):
         audit_modules(load_checkpoint(Regressor, ckpts["regressor"]), dm.val_dataloader(), precision="bf16")
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "all"])
+def test_max_samples_is_refused_before_anything_loads(bad, tmp_path) -> None:
+    """The API and lp-audit share one check; lp-audit runs it before reading a checkpoint (none exists here)."""
+    from lp_lightning.tools.audit import audit_checkpoints
+
+    with pytest.raises(ValueError, match=r"max_samples=.* must be None \(null: every sample\) or an integer >= 1"):
+        audit_modules(torch.nn.Linear(2, 2), [], precision="bf16", max_samples=bad)
+    with pytest.raises(ValueError, match=r"max_samples="):
+        audit_checkpoints(tmp_path / "missing.ckpt", precision_cfg={"name": "bf16"}, max_samples=bad)
