@@ -36,12 +36,18 @@ def random_bits16(n: int, device: torch.device, generator: Noise = None) -> Tens
     return words.view(torch.int16)[:n]
 
 
+def _truncate_to_bf16_(dithered: Tensor) -> Tensor:
+    """fp32 bit patterns plus signed 16-bit noise, shifted to unsigned noise and cut to bf16's upper half (in
+    place): with uniform noise, stochastic rounding to bf16."""
+    return dithered.add_(_HALF).bitwise_and_(_LOW_HALF_CLEARED)
+
+
 def stochastic_round(x: Tensor, dtype: torch.dtype, generator: Noise = None) -> Tensor:
     """``x`` (fp32) rounded stochastically to ``dtype`` (bfloat16 or float16); non-finite values to nearest."""
     x = x.float()
     if dtype == torch.bfloat16:
         noise = random_bits16(x.numel(), x.device, generator).view(x.shape)
-        bits = (x.view(torch.int32) + noise).add_(_HALF).bitwise_and_(_LOW_HALF_CLEARED)
+        bits = _truncate_to_bf16_(x.view(torch.int32) + noise)
         return torch.where(torch.isfinite(x), bits.view(torch.float32), x).to(dtype)
     if dtype == torch.float16:
         # fp16 bit patterns count up in magnitude: the neighbour toward zero is round-to-nearest's pattern, one
@@ -64,7 +70,7 @@ def stochastic_round_(x: Tensor, dtype: torch.dtype, generator: Noise = None) ->
     passes); anything else goes through :func:`stochastic_round`, which keeps non-finite values."""
     if dtype == torch.bfloat16 and x.is_contiguous() and x.device.type == "cpu" and math.isfinite(x.sum()):
         noise = random_bits16(x.numel(), x.device, generator)  # a non-finite value poisons the sum
-        x.view(torch.int32).view(-1).add_(noise).add_(_HALF).bitwise_and_(_LOW_HALF_CLEARED)
+        _truncate_to_bf16_(x.view(torch.int32).view(-1).add_(noise))
         return x
     return x.copy_(stochastic_round(x, dtype, generator))
 

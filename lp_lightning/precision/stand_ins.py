@@ -41,7 +41,8 @@ class StandIns:
         sources += [p.grad for p in params]
         sizes = [t.numel() for t in sources]
         n = len(params)
-        self.n_params, self.n_rounded = sum(sizes[:n]), sum(sizes[:-n])
+        self.param_sizes = sizes[:n]
+        self.n_params, self.n_rounded = sum(self.param_sizes), sum(sizes[:-n])
         self.flat = torch.empty(sum(sizes), dtype=torch.float32, device=params[0].device)
         views, offset = [], 0
         for t, size in zip(sources, sizes, strict=True):  # one as_strided each: split + view cost twice as much
@@ -54,7 +55,6 @@ class StandIns:
             if comps:
                 torch._foreach_add_([v for v, _ in comps], [c for _, c in comps])
         state_views = iter(views[n:-n])
-        self.stand_ins = self.views
         self.addresses = [v.data_ptr() for v in self.views]  # an optimizer that re-binds ``.data`` moves them
         self.state_views: list[dict[str, Tensor]] = []
         for (group, i), st, ks, q, grad in zip(picks, states, keys, self.views, views[-n:], strict=True):
@@ -67,7 +67,7 @@ class StandIns:
 
     def undo(self, opt: Optimizer) -> None:
         """Put the 16-bit parameters and their state back as they were."""
-        for (group, i), p, q, st in zip(self.picks, self.params, self.stand_ins, self.states, strict=True):
+        for (group, i), p, q, st in zip(self.picks, self.params, self.views, self.states, strict=True):
             group["params"][i] = p
             opt.state.pop(q, None)
             if st is not None:
@@ -81,16 +81,20 @@ class StandIns:
         return all(new.get(k) is v for k, v in mine.items()) and all(
             k in old and (k in mine or not per_param(k, v, p) or v.dtype != torch.float32) for k, v in new.items())
 
+    def _shaped_like_params(self, flat: Tensor) -> list[Tensor]:
+        """``flat`` (one value per parameter element, in parameter order) as one tensor per parameter."""
+        return [t.view(p.shape) for t, p in zip(flat.split(self.param_sizes), self.params, strict=True)]
+
     def write_back(self, opt: Optimizer, noise: Noise) -> None:
         """Round the stepped fp32 values into the original 16-bit parameter and state storages (references to
         them, DDP's bucket views included, stay valid) and put the parameters back in their groups. Call it
         under ``torch.no_grad()``."""
-        new_states = [opt.state.pop(q, {}) for q in self.stand_ins]
+        new_states = [opt.state.pop(q, {}) for q in self.views]
         self.undo(opt)
         dsts: list[Tensor] = []
         values: list[Tensor] = []
         extra: list[tuple[Tensor, Tensor]] = []  # state the optimizer made (or re-bound) itself during the step
-        for p, q, address, old, new, mine in zip(self.params, self.stand_ins, self.addresses, self.states,
+        for p, q, address, old, new, mine in zip(self.params, self.views, self.addresses, self.states,
                                                  new_states, self.state_views, strict=True):
             if q.dtype != torch.float32 or q.shape != p.shape or q.data_ptr() != address:
                 raise TypeError(f"{type(opt).__name__}.step replaced the parameter's .data; PureHalfPrecision("
@@ -124,11 +128,8 @@ class StandIns:
                 opt.state[p] = state
         if self.update == "kahan":  # parameters to nearest, the dropped part into the compensation buffers
             low, comp = kahan_round(self.flat[:self.n_params], self.dtype)
-            sizes = [p.numel() for p in self.params]
-            torch._foreach_copy_(self.params, [t.view(p.shape) for t, p in zip(low.split(sizes), self.params,
-                                                                                 strict=True)])
-            torch._foreach_copy_([opt.state[p][KAHAN_KEY] for p in self.params],
-                                 [t.view(p.shape) for t, p in zip(comp.split(sizes), self.params, strict=True)])
+            torch._foreach_copy_(self.params, self._shaped_like_params(low))
+            torch._foreach_copy_([opt.state[p][KAHAN_KEY] for p in self.params], self._shaped_like_params(comp))
             stochastic_round_(self.flat[self.n_params:self.n_rounded], self.dtype, noise)
         else:
             stochastic_round_(self.flat[:self.n_rounded], self.dtype, noise)
